@@ -1,0 +1,56 @@
+//! Configuration: one YAML file.
+//!
+//! - `types`: the serde structs (every one `deny_unknown_fields`) and the helpers the runtime
+//!   uses to read them (endpoint, rule matching, topic templates),
+//! - `units`: human durations and sizes,
+//! - `load`: read + parse (errors carry file, line, column and field path) + resolve secrets,
+//! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
+//!   separate check that referenced certificates, keys and password files can be opened,
+//! - `topic`: MQTT topic/filter rules shared by validation and the data path.
+//!
+//! The YAML crate is used only inside `load` (and tests), so it can be swapped.
+
+mod load;
+pub mod topic;
+mod types;
+mod units;
+mod validate;
+
+use std::fmt;
+
+use serde::Deserialize;
+
+pub use load::{load, load_str, ConfigError, Problem};
+pub use types::*;
+pub use units::{ByteSize, HumanDuration};
+pub use validate::{check_files, validate};
+
+/// Exit code for a configuration error (EX_CONFIG from sysexits.h).
+pub const EXIT_CONFIG: i32 = 78;
+
+/// A secret string: never printed by Debug or Display.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The only way to read the secret; grep for it when auditing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("**REDACTED**")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("**REDACTED**")
+    }
+}

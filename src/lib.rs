@@ -1,0 +1,22 @@
+//! edgegate: an IoT edge gateway for Linux single-board computers.
+//!
+//! # Layout (folders name the data path)
+//! - [`config`]: the YAML file → typed, validated settings (errors name file, line, field).
+//! - [`broker`]: the embedded MQTT broker (rumqttd) devices connect to, and local links into it.
+//! - [`sources`]: everything that turns input into messages for the store; today the broker
+//!   subscription on the forward filters (`sources::local`).
+//! - [`store`]: the durable SQLite queue, owned by one thread behind `StoreHandle`.
+//! - [`forward`]: the upstream MQTT client that drains the store, deleting a row only after the
+//!   upstream's PUBACK, and delivers downlink commands into the local broker.
+//! - [`app`]: the supervisor: builds the stages, one cancellation tree, shutdown order, sd_notify.
+//! - [`cli`]: command-line interface; `main.rs` only maps results to exit codes.
+
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod forward;
+pub mod logging;
+pub mod notify;
+pub mod sources;
+pub mod store;
