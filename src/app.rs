@@ -29,11 +29,17 @@ pub enum AppError {
     #[error("cannot start: {0}")]
     Start(String),
     #[error(transparent)]
-    Broker(#[from] BrokerError),
+    Broker(Box<BrokerError>),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("stage `{stage}` failed: {error}")]
     StageFailed { stage: &'static str, error: String },
+}
+
+impl From<BrokerError> for AppError {
+    fn from(e: BrokerError) -> Self {
+        AppError::Broker(Box::new(e))
+    }
 }
 
 type StageResult = (&'static str, Result<(), String>);
@@ -45,7 +51,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let status_topic = cfg.status_topic();
 
     // Signals first, so a SIGTERM during start-up is not the default "die at once".
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| AppError::Start(e.to_string()))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| AppError::Start(e.to_string()))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| AppError::Start(e.to_string()))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| AppError::Start(e.to_string()))?;
 
@@ -89,7 +96,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             .map_err(|e| AppError::Start(e.to_string()))?;
         let t = intake_token.clone();
         stages.spawn(async move {
-            ("intake", intake.run(link_tx, link_rx, t).await.map_err(|e| e.to_string()))
+            (
+                "intake",
+                intake
+                    .run(link_tx, link_rx, t)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
         });
 
         let forwarder = Forwarder {
@@ -103,7 +116,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             drain_timeout: cfg.gateway.shutdown_timeout.get().mul_f64(0.5),
         };
         let t = forward_token.clone();
-        stages.spawn(async move { ("forwarder", forwarder.run(t).await.map_err(|e| e.to_string())) });
+        stages.spawn(async move {
+            (
+                "forwarder",
+                forwarder.run(t).await.map_err(|e| e.to_string()),
+            )
+        });
     }
 
     // Ready only when the listeners really accept connections (rumqttd cannot tell us).
@@ -118,7 +136,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
     }
     local
-        .publish(status_topic.clone(), bytes::Bytes::from_static(b"online"), true)
+        .publish(
+            status_topic.clone(),
+            bytes::Bytes::from_static(b"online"),
+            true,
+        )
         .await;
     let addrs: Vec<String> = broker
         .listeners()
@@ -203,8 +225,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 let _ = tokio::task::spawn_blocking(move || thread.join()).await;
                 tracing::info!("store closed");
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "store close failed; committed rows are safe, the next start recovers the rest of the WAL"),
-            Err(_) => tracing::error!("store did not close before the deadline; committed rows are safe"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "store close failed; committed rows are safe, the next start recovers the rest of the WAL")
+            }
+            Err(_) => {
+                tracing::error!("store did not close before the deadline; committed rows are safe")
+            }
         }
     }
     listeners.abort_all();
@@ -212,7 +238,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         intake_counters.received.load(Ordering::Relaxed),
         forward_counters.forwarded.load(Ordering::Relaxed),
     );
-    tracing::info!(received = counts.0, forwarded = counts.1, uptime_s = started.elapsed().as_secs(), "stopped");
+    tracing::info!(
+        received = counts.0,
+        forwarded = counts.1,
+        uptime_s = started.elapsed().as_secs(),
+        "stopped"
+    );
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
@@ -220,7 +251,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 }
 
 /// Waits for one named stage within the overall deadline; a straggler is logged by name.
-async fn wait_stage(stages: &mut JoinSet<StageResult>, name: &'static str, deadline: tokio::time::Instant) {
+async fn wait_stage(
+    stages: &mut JoinSet<StageResult>,
+    name: &'static str,
+    deadline: tokio::time::Instant,
+) {
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         match tokio::time::timeout(remaining, stages.join_next()).await {
@@ -235,7 +270,10 @@ async fn wait_stage(stages: &mut JoinSet<StageResult>, name: &'static str, deadl
             Ok(Some(Err(e))) => tracing::warn!(error = %e, "stage task failed during shutdown"),
             Ok(None) => return,
             Err(_) => {
-                tracing::warn!(stage = name, "stage did not stop before the shutdown deadline");
+                tracing::warn!(
+                    stage = name,
+                    "stage did not stop before the shutdown deadline"
+                );
                 return;
             }
         }
@@ -247,10 +285,19 @@ async fn status_line(link: &LinkState, store: Option<&StoreHandle>) -> String {
     let mut s = link.describe();
     if let Some(h) = store {
         if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(1), h.stats()).await {
-            s.push_str(&format!("; {} queued ({})", group_thousands(st.rows), ByteSize(st.bytes)));
+            s.push_str(&format!(
+                "; {} queued ({})",
+                group_thousands(st.rows),
+                ByteSize(st.bytes)
+            ));
             if let Some(oldest) = st.oldest_created_ms {
-                let age_ms = crate::sources::local::now_ms().saturating_sub(oldest).max(0);
-                s.push_str(&format!(", oldest {}", crate::forward::human_age(Duration::from_millis(age_ms as u64))));
+                let age_ms = crate::sources::local::now_ms()
+                    .saturating_sub(oldest)
+                    .max(0);
+                s.push_str(&format!(
+                    ", oldest {}",
+                    crate::forward::human_age(Duration::from_millis(age_ms as u64))
+                ));
             }
         }
     }
@@ -261,7 +308,7 @@ pub fn group_thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(' ');
         }
         out.push(c);

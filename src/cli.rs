@@ -13,7 +13,11 @@ pub const DEFAULT_CONFIG: &str = "/etc/edgegate/edgegate.yaml";
 pub const EXIT_SOFTWARE: u8 = 70;
 
 #[derive(Debug, Parser)]
-#[command(name = "edgegate", version, about = "IoT edge gateway: local MQTT broker, hardware adapters and a store-and-forward bridge")]
+#[command(
+    name = "edgegate",
+    version,
+    about = "IoT edge gateway: local MQTT broker, hardware adapters and a store-and-forward bridge"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -113,7 +117,9 @@ pub fn run_gateway(path: &Path) -> ExitCode {
 
 pub fn buffer(cmd: BufferCommand) -> ExitCode {
     let (config_path, action) = match &cmd {
-        BufferCommand::Stats { config, .. } | BufferCommand::Export { config, .. } => (config, &cmd),
+        BufferCommand::Stats { config, .. } | BufferCommand::Export { config, .. } => {
+            (config, &cmd)
+        }
     };
     let cfg = match config::load(config_path) {
         Ok(c) => c,
@@ -122,7 +128,10 @@ pub fn buffer(cmd: BufferCommand) -> ExitCode {
     let store = match ReadOnlyStore::open(&cfg.store.path) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("edgegate: cannot open the store {}: {e}", cfg.store.path.display());
+            eprintln!(
+                "edgegate: cannot open the store {}: {e}",
+                cfg.store.path.display()
+            );
             return ExitCode::from(EXIT_SOFTWARE);
         }
     };
@@ -130,7 +139,9 @@ pub fn buffer(cmd: BufferCommand) -> ExitCode {
         BufferCommand::Stats { json, .. } => match store.stats() {
             Ok(st) => {
                 let now = crate::sources::local::now_ms();
-                let oldest_age_s = st.oldest_created_ms.map(|c| (now - c).max(0) as f64 / 1000.0);
+                let oldest_age_s = st
+                    .oldest_created_ms
+                    .map(|c| (now - c).max(0) as f64 / 1000.0);
                 if *json {
                     let per_priority: Vec<_> = st
                         .per_priority
@@ -156,13 +167,26 @@ pub fn buffer(cmd: BufferCommand) -> ExitCode {
                     println!("{v}");
                 } else {
                     println!("store      {}", cfg.store.path.display());
-                    println!("queued     {} rows, {} (budget {})", crate::app::group_thousands(st.rows), config::ByteSize(st.bytes), cfg.store.max_bytes);
+                    println!(
+                        "queued     {} rows, {} (budget {})",
+                        crate::app::group_thousands(st.rows),
+                        config::ByteSize(st.bytes),
+                        cfg.store.max_bytes
+                    );
                     match oldest_age_s {
-                        Some(a) => println!("oldest     {}", crate::forward::human_age(std::time::Duration::from_secs_f64(a))),
+                        Some(a) => println!(
+                            "oldest     {}",
+                            crate::forward::human_age(std::time::Duration::from_secs_f64(a))
+                        ),
                         None => println!("oldest     -"),
                     }
                     for p in &st.per_priority {
-                        println!("priority {:>3}: {} rows, {}", p.priority, crate::app::group_thousands(p.rows), config::ByteSize(p.bytes));
+                        println!(
+                            "priority {:>3}: {} rows, {}",
+                            p.priority,
+                            crate::app::group_thousands(p.rows),
+                            config::ByteSize(p.bytes)
+                        );
                     }
                     println!("file       {}", config::ByteSize(st.file_bytes));
                     if let Some(f) = st.free_disk_bytes {
@@ -198,7 +222,9 @@ pub fn main_with(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config } => run_gateway(&config),
         Command::CheckConfig { file, config } => {
-            let path = file.or(config).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+            let path = file
+                .or(config)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
             check_config(&path)
         }
         Command::Buffer { command } => buffer(command),

@@ -33,8 +33,10 @@ pub fn init(level: &str, format: LogFormat) {
     } else {
         format!("{wanted},rumqttd=warn")
     };
-    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
-    let verbose_rumqttd = directives.contains("rumqttd=debug") || directives.contains("rumqttd=trace");
+    let filter =
+        EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+    let verbose_rumqttd =
+        directives.contains("rumqttd=debug") || directives.contains("rumqttd=trace");
     let quiet = FilterFn::new(move |meta| verbose_rumqttd || !is_routine_rumqttd_noise(meta));
 
     let use_journald = match format {

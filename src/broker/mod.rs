@@ -41,8 +41,8 @@ pub enum BrokerError {
         what: &'static str,
         waited: Duration,
     },
-    #[error("the embedded broker refused an internal link `{name}`: {source}")]
-    Link { name: String, source: LinkError },
+    #[error("the embedded broker refused an internal link `{name}`: {reason}")]
+    Link { name: String, reason: String },
 }
 
 /// One configured listener, in our terms.
@@ -52,7 +52,8 @@ pub struct ListenerSpec {
     pub what: &'static str,
 }
 
-type LinkFactory = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync>;
+// rumqttd's LinkError carries a whole router event (~840 bytes); only its text is kept.
+type LinkFactory = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync>;
 
 /// The running embedded broker. Dropping it does not stop rumqttd's router thread (rumqttd has
 /// no way to); the listener tasks end when the set they were spawned on is dropped or aborted.
@@ -123,7 +124,11 @@ impl Broker {
                         Server::new(settings(addr, Some(tls_cfg)), router_tx.clone(), V4);
                     tasks.spawn(async move {
                         let r = server.start(LinkType::Remote).await;
-                        ListenerExit::from_result(addr, "MQTT 3.1.1 TLS", r.map_err(|e| e.to_string()))
+                        ListenerExit::from_result(
+                            addr,
+                            "MQTT 3.1.1 TLS",
+                            r.map_err(|e| e.to_string()),
+                        )
                     });
                 }
                 Protocol::V5 => {
@@ -148,7 +153,8 @@ impl Broker {
         let link_factory: LinkFactory = Box::new(move |name: &str| {
             let (tx, rx, _connack) = LinkBuilder::new(name, router_tx.clone())
                 .dynamic_filters(true)
-                .build()?;
+                .build()
+                .map_err(|e: LinkError| e.to_string())?;
             Ok((tx, rx))
         });
         Ok(Broker {
@@ -159,9 +165,9 @@ impl Broker {
 
     /// A local (in-process, QoS 0) connection to the router.
     pub fn link(&self, name: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
-        (self.link_factory)(name).map_err(|source| BrokerError::Link {
+        (self.link_factory)(name).map_err(|reason| BrokerError::Link {
             name: name.to_string(),
-            source,
+            reason,
         })
     }
 

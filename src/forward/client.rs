@@ -76,7 +76,11 @@ impl UplinkClient {
         let cap = request_capacity(cfg);
         let keep_alive = cfg.keep_alive.get().max(Duration::from_secs(5));
         let max_packet = usize::try_from(cfg.max_packet_size.get()).unwrap_or(usize::MAX);
-        let password = cfg.password.resolved.as_ref().map(|s| s.expose().to_string());
+        let password = cfg
+            .password
+            .resolved
+            .as_ref()
+            .map(|s| s.expose().to_string());
         match cfg.protocol {
             Protocol::V4 => {
                 let mut o =
@@ -274,12 +278,7 @@ fn convert_v5(ev: rumqttc::v5::Event) -> UplinkEvent {
             refused: s
                 .return_codes
                 .iter()
-                .filter(|c| {
-                    !matches!(
-                        c,
-                        SubscribeReasonCode::Success(_)
-                    )
-                })
+                .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
                 .count(),
         },
         Event::Outgoing(Outgoing::Publish(pkid)) => UplinkEvent::Sent(pkid),
@@ -297,8 +296,8 @@ pub fn tls_config(t: &UplinkTlsConfig) -> Result<Arc<rustls::ClientConfig>, Forw
             let iter = CertificateDer::pem_file_iter(ca)
                 .map_err(|e| tls_err(format!("cannot read CA file {}: {e}", ca.display())))?;
             for cert in iter {
-                let cert = cert
-                    .map_err(|e| tls_err(format!("bad certificate in {}: {e}", ca.display())))?;
+                let cert =
+                    cert.map_err(|e| tls_err(format!("bad certificate in {}: {e}", ca.display())))?;
                 roots
                     .add(cert)
                     .map_err(|e| tls_err(format!("unusable CA in {}: {e}", ca.display())))?;

@@ -100,7 +100,10 @@ enum SessionEnd {
 
 /// A request handed to rumqttc, waiting for its `Outgoing::Publish(pkid)`.
 enum Requested {
-    Row { id: i64, qos: u8 },
+    Row {
+        id: i64,
+        qos: u8,
+    },
     /// Birth/status messages: not rows, but they take a place in the event order.
     Control,
 }
@@ -114,7 +117,10 @@ impl Forwarder {
             None
         };
         let client_id = self.uplink.client_id_or(&self.gateway_id);
-        let mut backoff = Backoff::new(self.uplink.reconnect_min.get(), self.uplink.reconnect_max.get());
+        let mut backoff = Backoff::new(
+            self.uplink.reconnect_min.get(),
+            self.uplink.reconnect_max.get(),
+        );
         let mut first = true;
         loop {
             if cancel.is_cancelled() {
@@ -146,7 +152,8 @@ impl Forwarder {
                         retry_in_ms = delay.as_millis() as u64,
                         "uplink down; messages stay queued in the store"
                     );
-                    self.state.send_replace(LinkState::Down { since, error: msg });
+                    self.state
+                        .send_replace(LinkState::Down { since, error: msg });
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(delay) => {}
@@ -179,7 +186,10 @@ impl Forwarder {
                 ev = events.recv() => ev,
             };
             match ev {
-                Some(Ok(UplinkEvent::ConnAck { receive_max, session_present })) => {
+                Some(Ok(UplinkEvent::ConnAck {
+                    receive_max,
+                    session_present,
+                })) => {
                     tracing::info!(
                         upstream = %format!("{}:{}", endpoint.host, endpoint.port),
                         session_present,
@@ -193,7 +203,9 @@ impl Forwarder {
             }
         };
         backoff.reset();
-        self.state.send_replace(LinkState::Up { since: Instant::now() });
+        self.state.send_replace(LinkState::Up {
+            since: Instant::now(),
+        });
 
         let window = usize::from(self.uplink.max_inflight.max(1))
             .min(usize::from(receive_max.unwrap_or(u16::MAX).max(1)));
@@ -207,8 +219,9 @@ impl Forwarder {
         let mut acks: Vec<i64> = Vec::new();
 
         for rule in &self.uplink.downlink {
-            let filter = rule.remote.replace("{gateway_id}", &self.gateway_id);
-            client.subscribe(filter).await?;
+            client
+                .subscribe(rule.remote_filter(&self.gateway_id))
+                .await?;
         }
         client
             .publish(status.topic.clone(), 1, true, status.online.clone(), None)
@@ -249,12 +262,18 @@ impl Forwarder {
                     let Some(rule) = self.uplink.match_rule(&row.topic).map(|(_, r)| r) else {
                         // The forward rules changed since this row was stored: send it unchanged.
                         self.send_row(&client, &row, row.topic.clone()).await?;
-                        requested.push_back(Requested::Row { id: row.id, qos: row.qos });
+                        requested.push_back(Requested::Row {
+                            id: row.id,
+                            qos: row.qos,
+                        });
                         continue;
                     };
                     let remote = rule.remote_topic(&row.topic, &self.gateway_id);
                     self.send_row(&client, &row, remote).await?;
-                    requested.push_back(Requested::Row { id: row.id, qos: row.qos });
+                    requested.push_back(Requested::Row {
+                        id: row.id,
+                        qos: row.qos,
+                    });
                 }
             } else if inflight.is_empty() && requested.is_empty() {
                 client.disconnect().await;
@@ -313,7 +332,13 @@ impl Forwarder {
     ) -> Result<(), ForwardError> {
         let id = format!("{}/{}", self.gateway_id, row.id);
         client
-            .publish(remote_topic, row.qos, row.retain, row.payload.clone(), Some(id))
+            .publish(
+                remote_topic,
+                row.qos,
+                row.retain,
+                row.payload.clone(),
+                Some(id),
+            )
             .await
     }
 
@@ -326,19 +351,21 @@ impl Forwarder {
     ) {
         use std::sync::atomic::Ordering::Relaxed;
         match ev {
-            UplinkEvent::Sent(pkid) => match requested.pop_front() {
-                Some(Requested::Row { id, qos }) => {
-                    if qos == 0 || pkid == 0 {
-                        // QoS 0 has no acknowledgement: written to the connection is all we get.
-                        acks.push(id);
-                        self.counters.forwarded.fetch_add(1, Relaxed);
-                    } else if let Some(old) = inflight.insert(pkid, id) {
-                        tracing::error!(pkid, old_row = old, new_row = id, "packet id reused while in flight; the older row will be sent again");
+            UplinkEvent::Sent(pkid) => {
+                match requested.pop_front() {
+                    Some(Requested::Row { id, qos }) => {
+                        if qos == 0 || pkid == 0 {
+                            // QoS 0 has no acknowledgement: written to the connection is all we get.
+                            acks.push(id);
+                            self.counters.forwarded.fetch_add(1, Relaxed);
+                        } else if let Some(old) = inflight.insert(pkid, id) {
+                            tracing::error!(pkid, old_row = old, new_row = id, "packet id reused while in flight; the older row will be sent again");
+                        }
                     }
+                    Some(Requested::Control) => {}
+                    None => tracing::warn!(pkid, "publish event without a matching request"),
                 }
-                Some(Requested::Control) => {}
-                None => tracing::warn!(pkid, "publish event without a matching request"),
-            },
+            }
             UplinkEvent::PubAck { pkid, refused } => {
                 if let Some(id) = inflight.remove(&pkid) {
                     if let Some(reason) = refused {
@@ -354,28 +381,26 @@ impl Forwarder {
             UplinkEvent::Downlink { topic, payload } => {
                 let local = self
                     .uplink
-                    .downlink
-                    .iter()
-                    .find(|r| {
-                        crate::config::topic::matches(
-                            &r.remote.replace("{gateway_id}", &self.gateway_id),
-                            &topic,
-                        )
-                    })
-                    .map(|r| r.local_topic(&topic, &self.gateway_id));
+                    .match_downlink(&topic, &self.gateway_id)
+                    .map(|(_, r)| r.local_topic(&topic, &self.gateway_id));
                 match local {
                     Some(local_topic) => {
                         self.counters.downlink.fetch_add(1, Relaxed);
                         tracing::debug!(remote = %topic, local = %local_topic, "downlink message");
                         if !self.local.publish(local_topic, payload, false).await {
-                            tracing::error!("local broker link closed; downlink message not delivered");
+                            tracing::error!(
+                                "local broker link closed; downlink message not delivered"
+                            );
                         }
                     }
                     None => tracing::debug!(%topic, "upstream message matches no downlink rule"),
                 }
             }
             UplinkEvent::SubAck { refused } if refused > 0 => {
-                tracing::warn!(refused, "upstream refused a downlink subscription (check its ACL/policy)");
+                tracing::warn!(
+                    refused,
+                    "upstream refused a downlink subscription (check its ACL/policy)"
+                );
             }
             _ => {}
         }

@@ -87,7 +87,11 @@ mod tests {
         let d: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
         let bounds = [100u64, 200, 400, 800, 800, 800];
         for (got, hi) in d.iter().zip(bounds) {
-            assert!(*got >= Duration::from_millis(hi / 2) && *got <= Duration::from_millis(hi), "{got:?} not in [{}, {hi}] ms", hi / 2);
+            assert!(
+                *got >= Duration::from_millis(hi / 2) && *got <= Duration::from_millis(hi),
+                "{got:?} not in [{}, {hi}] ms",
+                hi / 2
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

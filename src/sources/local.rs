@@ -20,7 +20,9 @@ use crate::store::{Durability, NewMessage, PendingCommit, StoreHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
-    #[error("the embedded broker closed the intake link: {0}; forwarded topics are no longer stored")]
+    #[error(
+        "the embedded broker closed the intake link: {0}; forwarded topics are no longer stored"
+    )]
     LinkClosed(String),
 }
 
@@ -31,6 +33,9 @@ pub struct IntakeCounters {
     pub unmatched: AtomicU64,
     pub bad_topic: AtomicU64,
     pub rearmed: AtomicU64,
+    /// Messages rumqttd's in-memory log rolled over before we read them (lost: the device got
+    /// its PUBACK). Detected as a gap in the log offsets of our subscription.
+    pub overrun: AtomicU64,
 }
 
 pub struct LocalIntake {
@@ -65,6 +70,8 @@ impl LocalIntake {
     ) -> Result<(), IntakeError> {
         let mut batch: Vec<NewMessage> = Vec::with_capacity(MAX_BATCH);
         let mut pending: VecDeque<PendingCommit> = VecDeque::new();
+        let mut gaps = GapDetector::default();
+        let subscriptions = self.uplink.local_subscriptions();
         loop {
             // Bounded memory: with this many appends not yet committed, wait for the oldest. The
             // link then backs up into rumqttd's in-memory log, which is sized for such bursts.
@@ -78,6 +85,9 @@ impl LocalIntake {
                 _ = cancel.cancelled() => break,
                 n = link_rx.next() => match n {
                     Ok(Some(Notification::Forward(fwd))) => {
+                        if let Some((_, offset)) = fwd.cursor {
+                            gaps.observe(&fwd.publish.topic, offset, &subscriptions, &self.counters);
+                        }
                         self.accept(fwd.publish.topic, fwd.publish.payload, &mut batch);
                         if batch.len() >= MAX_BATCH {
                             pending.extend(self.flush(&mut batch));
@@ -140,10 +150,7 @@ impl LocalIntake {
         if batch.is_empty() {
             return None;
         }
-        Some(
-            self.store
-                .append(std::mem::take(batch), Durability::Linger),
-        )
+        Some(self.store.append(std::mem::take(batch), Durability::Linger))
     }
 }
 
@@ -152,4 +159,57 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// Watches the absolute log offsets rumqttd attaches to each forwarded message: within one
+/// subscription filter they are consecutive, so a jump means the router's in-memory log rolled
+/// over before we read it (rumqttd then "jumps to head"). That loss cannot be undone here — the
+/// devices already have their PUBACKs — but it must never be silent.
+#[derive(Default)]
+struct GapDetector {
+    last: std::collections::HashMap<String, u64>,
+    last_log: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl GapDetector {
+    fn observe(
+        &mut self,
+        topic: &[u8],
+        offset: u64,
+        subscriptions: &[String],
+        counters: &IntakeCounters,
+    ) {
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return;
+        };
+        let Some(filter) = subscriptions
+            .iter()
+            .find(|f| crate::config::topic::matches(f, topic))
+        else {
+            return;
+        };
+        let prev = match self.last.get_mut(filter.as_str()) {
+            Some(last) => Some(std::mem::replace(last, offset)),
+            None => self.last.insert(filter.clone(), offset),
+        };
+        let Some(prev) = prev else { return };
+        if offset > prev + 1 {
+            let lost = offset - prev - 1;
+            counters.overrun.fetch_add(lost, Ordering::Relaxed);
+            self.unlogged += lost;
+            let now = std::time::Instant::now();
+            if self
+                .last_log
+                .is_none_or(|t| now.duration_since(t).as_secs() >= 10)
+            {
+                tracing::error!(
+                    lost = self.unlogged,
+                    "the embedded broker's in-memory log rolled over before the store took these messages; they are lost (devices publish faster than the store commits: raise broker.segment_size/segment_count or use faster storage)"
+                );
+                self.unlogged = 0;
+                self.last_log = Some(now);
+            }
+        }
+    }
 }
