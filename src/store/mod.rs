@@ -136,7 +136,8 @@ pub struct PriorityStats {
     pub bytes: u64,
 }
 
-/// Rows dropped without being forwarded, by reason. Counted since the store was opened.
+/// Rows dropped without being forwarded, by reason. Kept in the store file (table `meta`), so
+/// they count since the store was created and `edgegate buffer stats` sees them too.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DropCounters {
     /// `max_bytes` reached: evicted (`drop_oldest`) or refused (`drop_newest`, oversized).
@@ -160,6 +161,28 @@ impl DropCounters {
 
     pub fn total(&self) -> u64 {
         self.store_full + self.expired + self.disk_full
+    }
+
+    /// The `meta` key a reason's counter is kept under.
+    fn meta_key(reason: DropReason) -> &'static str {
+        match reason {
+            DropReason::StoreFull => "dropped.store_full",
+            DropReason::Expired => "dropped.expired",
+            DropReason::DiskFull => "dropped.disk_full",
+        }
+    }
+
+    /// Reads the persisted counters.
+    pub(super) fn load(conn: &rusqlite::Connection) -> rusqlite::Result<DropCounters> {
+        let mut d = DropCounters::default();
+        let mut stmt = conn.prepare("SELECT value FROM meta WHERE key = ?1")?;
+        for reason in DropReason::ALL {
+            let v: Option<i64> = rusqlite::OptionalExtension::optional(
+                stmt.query_row([Self::meta_key(reason)], |r| r.get(0)),
+            )?;
+            d.add(reason, v.unwrap_or(0).max(0) as u64);
+        }
+        Ok(d)
     }
 
     fn add(&mut self, reason: DropReason, n: u64) {

@@ -38,8 +38,8 @@ impl ReadOnlyStore {
         })
     }
 
-    /// Rows and bytes queued, per priority. Counters (appended, acked, dropped) live in the
-    /// running daemon and are zero here.
+    /// Rows and bytes queued, per priority, and the drop counters kept in the file. The
+    /// appended/acked totals live in the running daemon and are zero here.
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let sql = |source| StoreError::Sqlite {
             what: "reading statistics",
@@ -72,6 +72,7 @@ impl ReadOnlyStore {
             bytes: per_priority.iter().map(|p| p.bytes).sum(),
             oldest_created_ms,
             per_priority,
+            dropped: super::DropCounters::load(&self.conn).map_err(sql)?,
             file_bytes: super::file_bytes(&self.path),
             free_disk_bytes: super::free_disk_bytes(&super::store_dir(&self.path)),
             ..StoreStats::default()

@@ -140,6 +140,8 @@ pub(super) struct Worker {
     appended_total: u64,
     acked_total: u64,
     dropped: DropCounters,
+    /// Drops counted while the disk was full, written to `meta` with the next transaction.
+    unpersisted: [u64; 3],
     drop_log: DropLog,
     disk: DiskGuard,
     committed_tx: watch::Sender<u64>,
@@ -170,6 +172,10 @@ impl Worker {
         let sweep_every = max_age
             .map(|a| (a / 4).clamp(Duration::from_millis(20), SWEEP_EVERY))
             .unwrap_or(SWEEP_EVERY);
+        let dropped = DropCounters::load(&conn).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not read the persisted drop counters; counting from 0");
+            DropCounters::default()
+        });
         let probe: FreeDiskProbe = probes
             .free_disk
             .unwrap_or_else(|| Arc::new(super::free_disk_bytes));
@@ -189,7 +195,8 @@ impl Worker {
             totals,
             appended_total: 0,
             acked_total: 0,
-            dropped: DropCounters::default(),
+            dropped,
+            unpersisted: [0; 3],
             drop_log: DropLog::default(),
             disk: DiskGuard {
                 probe,
@@ -388,6 +395,7 @@ impl Worker {
                 // were not accepted; the acks stay queued because deletes are what frees space.
                 let rows: usize = appends.iter().map(|(m, _)| m.len()).sum();
                 self.dropped.add(DropReason::DiskFull, rows as u64);
+                self.unpersisted[DropReason::DiskFull.index()] += rows as u64;
                 self.drop_log.record(DropReason::DiskFull, rows as u64, now);
                 self.disk.last_probe = None;
                 for (msgs, reply) in appends {
@@ -525,7 +533,31 @@ impl Worker {
                 }
             }
         }
+        let mut to_persist = self.unpersisted;
+        for (p, d) in to_persist.iter_mut().zip(txn.dropped) {
+            *p += d;
+        }
+        self.persist_drops(&to_persist)?;
         Ok(txn)
+    }
+
+    /// Adds drop counts to the counters kept in `meta`, inside the caller's transaction. Only
+    /// transactions that drop something pay for this write.
+    fn persist_drops(&self, counts: &[u64; 3]) -> rusqlite::Result<()> {
+        if counts.iter().all(|&n| n == 0) {
+            return Ok(());
+        }
+        let mut up = self.conn.prepare_cached(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+        )?;
+        for reason in DropReason::ALL {
+            let n = counts[reason.index()];
+            if n > 0 {
+                up.execute(params![DropCounters::meta_key(reason), n as i64])?;
+            }
+        }
+        Ok(())
     }
 
     /// drop_oldest: deletes lowest-priority, oldest rows (new ones included) until the store
@@ -587,6 +619,7 @@ impl Worker {
         now: Instant,
     ) {
         self.totals = txn.totals;
+        self.unpersisted = [0; 3];
         self.appended_total += txn.inserted;
         self.acked_total += txn.acked;
         self.freed_since_vacuum += txn.freed_bytes;
@@ -680,8 +713,12 @@ impl Worker {
             let rows: Vec<(i64, i64)> = del
                 .query_map([cutoff_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
+            let mut counts = w.unpersisted;
+            counts[DropReason::Expired.index()] += rows.len() as u64;
+            w.persist_drops(&counts)?;
             Ok(rows)
         })?;
+        self.unpersisted = [0; 3];
         for &(priority, size) in &gone {
             self.totals.remove(priority as u8, size as u64);
             self.freed_since_vacuum += size as u64;

@@ -1,0 +1,1183 @@
+//! Integration-test harness: the real `edgegate` binary, a real mosquitto upstream, real clients.
+//!
+//! - [`Gateway`] spawns `edgegate run` in a temp dir with stderr captured to a file,
+//! - [`Mosquitto`] runs `/usr/sbin/mosquitto` on a free loopback port (optionally TLS, persistence),
+//! - [`Subscriber`] collects `(topic, payload)` from `mosquitto_sub`,
+//! - [`publish`] / [`publish_seq`] / [`publish_each`] send messages (mosquitto_pub, rumqttc),
+//! - [`certs::generate`] makes a CA, a server and a client certificate with the `openssl` CLI.
+//!
+//! Every wait is bounded and every child process is killed when its owner drops, so a panicking
+//! test leaves no orphans behind.
+
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tempfile::TempDir;
+
+/// The binary under test, built by cargo for this test run.
+pub const BIN: &str = env!("CARGO_BIN_EXE_edgegate");
+
+/// How long a gateway may take to open its broker port.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+// ---------------------------------------------------------------------------------------------
+// Ports and waiting
+
+/// A loopback port that was free a moment ago. Ports handed out by this process are never handed
+/// out twice, so parallel tests in one binary cannot collide with each other; another process can
+/// still take the port, hence [`retry_on_port_clash`].
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    for _ in 0..100 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 must work");
+        let port = listener
+            .local_addr()
+            .expect("a bound socket has an address")
+            .port();
+        drop(listener);
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+    panic!("no fresh free port after 100 attempts");
+}
+
+/// Runs `attempt` up to `tries` times while it fails with [`StartError::PortClash`] (someone took
+/// the port between [`free_port`] and the server's bind); the closure picks new ports each time.
+pub fn retry_on_port_clash<T>(
+    tries: usize,
+    mut attempt: impl FnMut() -> Result<T, StartError>,
+) -> T {
+    let mut last = String::new();
+    for _ in 0..tries {
+        match attempt() {
+            Ok(v) => return v,
+            Err(StartError::PortClash(log)) => last = log,
+            Err(StartError::Failed(log)) => panic!("start failed:\n{log}"),
+        }
+    }
+    panic!("port clash {tries} times in a row; last log:\n{last}");
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port`.
+pub fn port_accepts(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for a child to exit, at most `timeout`.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Ok(None) => return None,
+            Err(e) => panic!("waiting for child {}: {e}", child.id()),
+        }
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    // std has no way to send SIGTERM and the crate forbids unsafe, so use kill(1).
+    // A child that already exited makes kill(1) fail; callers then see its exit status anyway.
+    let _ = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn kill_and_reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = wait_child(child, Duration::from_secs(5));
+}
+
+/// Runs a command with a deadline; kills it when the deadline passes (then `status` is a
+/// signal death, which callers report as a hang).
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout was piped");
+    let mut err = child.stderr.take().expect("stderr was piped");
+    let out_t = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let err_t = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    let status = match wait_child(&mut child, timeout) {
+        Some(s) => s,
+        None => {
+            kill_and_reap(&mut child);
+            child.wait().expect("reaping a killed child")
+        }
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
+
+/// Runs the edgegate binary with `args` in `cwd`, bounded by `timeout`.
+pub fn run_bin(cwd: &Path, args: &[&str], timeout: Duration) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(cwd).env_remove("JOURNAL_STREAM");
+    run_with_timeout(&mut cmd, timeout)
+}
+
+/// stdout and stderr of an [`Output`] as one string for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway
+
+/// Why a server did not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// Its port was taken by someone else; try again with fresh ports. Carries the log.
+    PortClash(String),
+    /// Anything else. Carries the log.
+    Failed(String),
+}
+
+/// A running `edgegate run --config FILE`. Killed (SIGKILL) on drop.
+pub struct Gateway {
+    /// Temp dir owned by this gateway (when it created it).
+    _tmp: Option<TempDir>,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    /// Starts a gateway in a fresh temp dir; `{dir}` in the YAML becomes that dir's absolute path.
+    pub fn start(config_yaml: &str) -> Gateway {
+        let tmp = tempfile::tempdir().expect("creating a temp dir");
+        let dir = tmp.path().to_path_buf();
+        let yaml = config_yaml.replace("{dir}", &dir.display().to_string());
+        let mut gw = Gateway::start_with(&dir, &yaml);
+        gw._tmp = Some(tmp);
+        gw
+    }
+
+    /// Starts a gateway whose config is written to `dir/edgegate.yaml`; panics with the log when
+    /// it does not become ready within [`READY_TIMEOUT`].
+    pub fn start_with(dir: &Path, config_yaml: &str) -> Gateway {
+        match Gateway::try_start_with(dir, config_yaml) {
+            Ok(gw) => gw,
+            Err(StartError::PortClash(log)) | Err(StartError::Failed(log)) => {
+                panic!("gateway did not start:\n{log}")
+            }
+        }
+    }
+
+    /// Like [`Gateway::start_with`] but reports a port clash so callers can retry.
+    pub fn try_start_with(dir: &Path, config_yaml: &str) -> Result<Gateway, StartError> {
+        let config = dir.join("edgegate.yaml");
+        fs::write(&config, config_yaml).expect("writing the gateway config");
+        let port = ready_port(config_yaml);
+        let mut gw = Gateway {
+            _tmp: None,
+            dir: dir.to_path_buf(),
+            log: dir.join("edgegate.log"),
+            config,
+            port,
+            child: None,
+        };
+        gw.spawn_and_wait()?;
+        Ok(gw)
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), StartError> {
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("opening the gateway log");
+        writeln!(log, "===== harness: starting edgegate =====").expect("writing the gateway log");
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .current_dir(&self.dir)
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning the log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning the edgegate binary");
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("just spawned");
+            if let Some(status) = child.try_wait().expect("polling the gateway") {
+                self.child = None;
+                let log = format!("exited early with {status}\n{}", self.log());
+                return Err(if status.code() == Some(70) && log.contains("in use") {
+                    StartError::PortClash(log)
+                } else {
+                    StartError::Failed(log)
+                });
+            }
+            if port_accepts(self.port) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                kill_and_reap(child);
+                self.child = None;
+                return Err(StartError::Failed(format!(
+                    "port {} not accepting after {READY_TIMEOUT:?}\n{}",
+                    self.port,
+                    self.log()
+                )));
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The broker port the harness waited on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Everything the gateway wrote to stdout/stderr so far, over all its runs.
+    pub fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit; panics (after SIGKILL) on a hang.
+    pub fn sigterm_and_wait(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("gateway is not running");
+        signal(&child, "-TERM");
+        match wait_child(&mut child, timeout) {
+            Some(status) => status,
+            None => {
+                kill_and_reap(&mut child);
+                panic!(
+                    "gateway still running {timeout:?} after SIGTERM; log:\n{}",
+                    self.log()
+                )
+            }
+        }
+    }
+
+    /// `kill -9`: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+
+    /// Starts the binary again with the same config and dir (after a stop or kill).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart() of a running gateway");
+        if let Err(StartError::PortClash(log) | StartError::Failed(log)) = self.spawn_and_wait() {
+            panic!("gateway did not restart:\n{log}");
+        }
+    }
+
+    /// Runs `edgegate <args> --config FILE` against this gateway's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let config = self.config.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--config", config.as_str()]);
+        run_bin(&self.dir, &all, Duration::from_secs(20))
+    }
+
+    /// `edgegate buffer stats --json`, parsed. Panics with the output when it fails.
+    pub fn buffer_stats(&self) -> serde_json::Value {
+        let out = self.cli(&["buffer", "stats", "--json"]);
+        assert!(
+            out.status.success(),
+            "buffer stats failed:\n{}",
+            output_text(&out)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "buffer stats --json is not JSON ({e}):\n{}",
+                output_text(&out)
+            )
+        })
+    }
+
+    /// `edgegate buffer export`: one JSON object per queued row.
+    pub fn buffer_export(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["buffer", "export"]);
+        assert!(
+            out.status.success(),
+            "buffer export failed:\n{}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("export line is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+}
+
+/// The port that tells us the gateway is ready: `broker.listen`, else `listen_v5`, else the TLS
+/// listener.
+fn ready_port(config_yaml: &str) -> u16 {
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(config_yaml).expect("the test's own config must be YAML");
+    let broker = &doc["broker"];
+    let port = [
+        &broker["listen"],
+        &broker["listen_v5"],
+        &broker["tls"]["listen"],
+    ]
+    .into_iter()
+    .find_map(|v| v.as_str().and_then(|s| s.parse::<SocketAddr>().ok()))
+    .map(|a| a.port())
+    .expect("test configs must set broker.listen (the default 0.0.0.0:1883 is not for tests)");
+    port
+}
+
+/// The usual test config: local broker on `port`, store in `dir`, forwarding `sensors/#` to the
+/// upstream at `upstream_url` (no uplink when `None`). `extra_uplink` lines are indented into
+/// the uplink section, `extra_store` into the store section.
+pub fn gateway_yaml(
+    dir: &Path,
+    port: u16,
+    upstream_url: Option<&str>,
+    extra_store: &str,
+    extra_uplink: &str,
+) -> String {
+    let mut y = format!(
+        "gateway:\n  id: test\n  shutdown_timeout: 5s\nbroker:\n  listen: 127.0.0.1:{port}\nstore:\n  path: {}\n",
+        dir.join("buffer.db").display()
+    );
+    for line in extra_store.lines().filter(|l| !l.trim().is_empty()) {
+        y.push_str(&format!("  {line}\n"));
+    }
+    if let Some(url) = upstream_url {
+        y.push_str(&format!(
+            "uplink:\n  url: {url}\n  reconnect_min: 100ms\n  reconnect_max: 1s\n  forward:\n    - local: \"sensors/#\"\n  downlink:\n    - remote: \"edgegate/{{gateway_id}}/cmd/#\"\n      local: \"cmd/\"\n"
+        ));
+        for line in extra_uplink.lines().filter(|l| !l.trim().is_empty()) {
+            y.push_str(&format!("  {line}\n"));
+        }
+    }
+    y
+}
+
+/// Reads a number from `buffer stats --json` by its dotted path (e.g. `dropped.store_full`),
+/// panicking with the whole document when the field is missing.
+pub fn stat(stats: &serde_json::Value, path: &str) -> u64 {
+    let mut v = stats;
+    for key in path.split('.') {
+        v = &v[key];
+    }
+    v.as_u64()
+        .unwrap_or_else(|| panic!("no number at `{path}` in buffer stats:\n{stats:#}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mosquitto upstream
+
+/// TLS files for a mosquitto listener.
+#[derive(Clone, Debug)]
+pub struct MosquittoTls {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub require_certificate: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MosquittoOpts {
+    /// Keep sessions and queued messages across a graceful restart.
+    pub persistence: bool,
+    pub tls: Option<MosquittoTls>,
+    /// `log_type all`: logs every PUBLISH received (used as a witness of arrival).
+    pub verbose_log: bool,
+}
+
+/// A mosquitto broker on a free loopback port, killed on drop.
+pub struct Mosquitto {
+    tmp: TempDir,
+    port: u16,
+    opts: MosquittoOpts,
+    child: Option<Child>,
+    runs: usize,
+}
+
+impl Mosquitto {
+    pub fn start(opts: MosquittoOpts) -> Mosquitto {
+        retry_on_port_clash(5, || {
+            let mut m = Mosquitto {
+                tmp: tempfile::tempdir().expect("creating a temp dir"),
+                port: free_port(),
+                opts: opts.clone(),
+                child: None,
+                runs: 0,
+            };
+            m.spawn_and_wait()?;
+            Ok(m)
+        })
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.tmp.path().join("mosquitto.log")
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), StartError> {
+        let dir = self.tmp.path();
+        // Running as root: without `user root` mosquitto drops to user `mosquitto`, which could
+        // not write the persistence dir nor read the keys in our temp dir.
+        let mut conf = format!(
+            "user root\nlistener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nlog_dest stderr\n",
+            self.port
+        );
+        if self.opts.verbose_log {
+            conf.push_str("log_type all\n");
+        }
+        if self.opts.persistence {
+            conf.push_str(&format!(
+                "persistence true\npersistence_location {}/\n",
+                dir.display()
+            ));
+        }
+        if let Some(tls) = &self.opts.tls {
+            conf.push_str(&format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+                tls.ca_file.display(),
+                tls.cert_file.display(),
+                tls.key_file.display(),
+                tls.require_certificate
+            ));
+        }
+        let conf_path = dir.join("mosquitto.conf");
+        fs::write(&conf_path, conf).expect("writing mosquitto.conf");
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("opening the mosquitto log");
+        self.runs += 1;
+        writeln!(log, "===== harness: mosquitto run {} =====", self.runs)
+            .expect("writing the mosquitto log");
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning the log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let child = self.child.as_mut().expect("just spawned");
+            if let Some(status) = child.try_wait().expect("polling mosquitto") {
+                self.child = None;
+                let log = format!("mosquitto exited early with {status}\n{}", self.log());
+                return Err(if log.contains("in use") {
+                    StartError::PortClash(log)
+                } else {
+                    StartError::Failed(log)
+                });
+            }
+            if port_accepts(self.port) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                kill_and_reap(child);
+                self.child = None;
+                return Err(StartError::Failed(format!(
+                    "mosquitto not accepting on {}\n{}",
+                    self.port,
+                    self.log()
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mqtt://127.0.0.1:PORT`, or `mqtts://` with TLS.
+    pub fn url(&self) -> String {
+        let scheme = if self.opts.tls.is_some() {
+            "mqtts"
+        } else {
+            "mqtt"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    pub fn tls(&self) -> Option<&MosquittoTls> {
+        self.opts.tls.as_ref()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Graceful stop (SIGTERM); with persistence, sessions are saved.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "-TERM");
+            if wait_child(&mut child, Duration::from_secs(10)).is_none() {
+                kill_and_reap(&mut child);
+            }
+        }
+        let _ = wait_until(Duration::from_secs(5), || !port_accepts(self.port));
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+
+    /// Starts again on the same port (stopping first if needed).
+    pub fn restart(&mut self) {
+        self.stop();
+        // The old socket may linger briefly; mosquitto sets SO_REUSEADDR, so a few tries suffice.
+        for attempt in 0..5 {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(StartError::PortClash(_)) if attempt < 4 => {
+                    thread::sleep(Duration::from_millis(200))
+                }
+                Err(StartError::PortClash(log) | StartError::Failed(log)) => {
+                    panic!("mosquitto did not restart on port {}:\n{log}", self.port)
+                }
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        read_lossy(&self.log_path())
+    }
+
+    /// Topics of every PUBLISH this broker logged receiving from `client_id` (needs
+    /// `verbose_log`), in order. This is the upstream's own record of what it accepted, so it
+    /// does not depend on a subscriber being connected at the right moment.
+    pub fn received_topics_from(&self, client_id: &str) -> Vec<String> {
+        self.received_from(client_id)
+            .into_iter()
+            .map(|r| r.topic)
+            .collect()
+    }
+
+    /// Every PUBLISH this broker logged receiving from `client_id` (needs `verbose_log`), from
+    /// lines like `Received PUBLISH from test (d0, q1, r0, m7, 'sensors/a', ... (5 bytes))`.
+    pub fn received_from(&self, client_id: &str) -> Vec<Received> {
+        let needle = format!("Received PUBLISH from {client_id} (");
+        self.log()
+            .lines()
+            .filter_map(|line| {
+                let rest = &line[line.find(&needle)? + needle.len()..];
+                let start = rest.find(", '")? + 3;
+                let end = rest.rfind("', ...")?;
+                let flags = &rest[..start];
+                let flag = |name: char| {
+                    flags
+                        .split(", ")
+                        .find_map(|f| f.strip_prefix(name)?.parse::<u8>().ok())
+                };
+                (start <= end).then(|| Received {
+                    topic: rest[start..end].to_string(),
+                    qos: flag('q').unwrap_or(u8::MAX),
+                    retain: flag('r') == Some(1),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One PUBLISH as the upstream logged it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub topic: String,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// Options for a [`Subscriber`] or [`publish`].
+#[derive(Clone, Debug, Default)]
+pub struct ClientOpts {
+    pub qos: u8,
+    /// Host to connect to; default `127.0.0.1`. TLS clients may need `localhost`: OpenSSL sends
+    /// an IP literal as SNI, which some TLS servers refuse.
+    pub host: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// MQTT 5 (`-V mqttv5`).
+    pub v5: bool,
+    /// A `mosquitto_sub -F` format instead of `-v`; the first space-separated word of each
+    /// line becomes the topic, the rest the payload (e.g. `%t %P|%p` for MQTT 5 properties).
+    pub format: Option<String>,
+    /// (ca, cert, key) — cert and key may be absent for server-auth only.
+    pub tls: Option<(PathBuf, Option<PathBuf>, Option<PathBuf>)>,
+}
+
+impl ClientOpts {
+    pub fn qos(qos: u8) -> ClientOpts {
+        ClientOpts {
+            qos,
+            ..ClientOpts::default()
+        }
+    }
+
+    /// Client options matching a mosquitto's TLS files (client cert included).
+    pub fn for_mosquitto(m: &Mosquitto, qos: u8) -> ClientOpts {
+        ClientOpts {
+            qos,
+            tls: m.tls().map(|t| {
+                (
+                    t.ca_file.clone(),
+                    Some(t.cert_file.clone()),
+                    Some(t.key_file.clone()),
+                )
+            }),
+            ..ClientOpts::default()
+        }
+    }
+
+    fn host(&self) -> &str {
+        self.host.as_deref().unwrap_or("127.0.0.1")
+    }
+
+    fn args(&self, cmd: &mut Command) {
+        if let Some(u) = &self.username {
+            cmd.args(["-u", u.as_str()]);
+        }
+        if let Some(p) = &self.password {
+            cmd.args(["-P", p.as_str()]);
+        }
+        if self.v5 {
+            cmd.args(["-V", "mqttv5"]);
+        }
+        if let Some((ca, cert, key)) = &self.tls {
+            cmd.arg("--cafile").arg(ca);
+            if let Some(c) = cert {
+                cmd.arg("--cert").arg(c);
+            }
+            if let Some(k) = key {
+                cmd.arg("--key").arg(k);
+            }
+        }
+    }
+}
+
+/// A message as a subscriber saw it.
+pub type Msg = (String, String);
+
+#[derive(Default)]
+struct SubState {
+    msgs: Vec<Msg>,
+    subacks: usize,
+    closed: bool,
+}
+
+/// `mosquitto_sub` with a persistent session (`-c -i ID`, except for MQTT 5) collecting
+/// `(topic, payload)`; it reconnects and resubscribes by itself. Killed on drop.
+pub struct Subscriber {
+    child: Child,
+    state: Arc<Mutex<SubState>>,
+    stderr: PathBuf,
+    _tmp: TempDir,
+}
+
+impl Subscriber {
+    /// Subscribes on 127.0.0.1:`port` and returns once the first SUBACK arrived (bounded 10 s).
+    pub fn start(port: u16, filter: &str, id: &str, opts: &ClientOpts) -> Subscriber {
+        let tmp = tempfile::tempdir().expect("creating a temp dir");
+        let stderr = tmp.path().join("mosquitto_sub.err");
+        let mut cmd = Command::new("stdbuf");
+        // Line-buffered stdout so each message reaches us as soon as it is printed.
+        cmd.args(["-oL", "mosquitto_sub", "-h", opts.host(), "-p"])
+            .arg(port.to_string())
+            .args([
+                "-t",
+                filter,
+                "-q",
+                opts.qos.to_string().as_str(),
+                "-d",
+                "-i",
+                id,
+            ]);
+        match &opts.format {
+            Some(f) => cmd.args(["-F", f.as_str()]),
+            None => cmd.arg("-v"),
+        };
+        if !opts.v5 {
+            cmd.arg("-c");
+        }
+        opts.args(&mut cmd);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr).expect("creating the subscriber's stderr file"))
+            .spawn()
+            .expect("spawning mosquitto_sub");
+        let stdout = child.stdout.take().expect("stdout was piped");
+        let state = Arc::new(Mutex::new(SubState::default()));
+        let st = Arc::clone(&state);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                // -d debug lines start with "Client <id> ..." or "Subscribed (mid: …".
+                if line.starts_with("Client ") || line.starts_with("Subscribed (mid") {
+                    if line.contains("received SUBACK") {
+                        s.subacks += 1;
+                    }
+                    continue;
+                }
+                let (topic, payload) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+                s.msgs.push((topic.to_string(), payload.to_string()));
+            }
+            st.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        });
+        let sub = Subscriber {
+            child,
+            state,
+            stderr,
+            _tmp: tmp,
+        };
+        if !sub.wait_subscribed(1, Duration::from_secs(10)) {
+            panic!(
+                "mosquitto_sub on port {port} got no SUBACK within 10 s; stderr:\n{}",
+                read_lossy(&sub.stderr)
+            );
+        }
+        sub
+    }
+
+    /// Waits until `n` SUBACKs were seen in total (each reconnect resubscribes).
+    pub fn wait_subscribed(&self, n: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || self.lock().subacks >= n)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until at least `n` messages arrived or `timeout` passed; returns all received.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Msg> {
+        let _ = wait_until(timeout, || {
+            let s = self.lock();
+            s.msgs.len() >= n || s.closed
+        });
+        self.messages()
+    }
+
+    pub fn messages(&self) -> Vec<Msg> {
+        self.lock().msgs.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().msgs.len()
+    }
+
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr)
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// One message with `mosquitto_pub` (bounded 10 s); returns the process output.
+pub fn publish_with(
+    port: u16,
+    topic: &str,
+    payload: &str,
+    retain: bool,
+    opts: &ClientOpts,
+) -> Output {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-h", opts.host(), "-p"])
+        .arg(port.to_string())
+        .args([
+            "-t",
+            topic,
+            "-m",
+            payload,
+            "-q",
+            opts.qos.to_string().as_str(),
+        ]);
+    if retain {
+        cmd.arg("-r");
+    }
+    opts.args(&mut cmd);
+    run_with_timeout(&mut cmd, Duration::from_secs(10))
+}
+
+/// One plain message with `mosquitto_pub`; panics when it fails.
+pub fn publish(port: u16, topic: &str, payload: &str, qos: u8) {
+    let out = publish_with(port, topic, payload, false, &ClientOpts::qos(qos));
+    assert!(
+        out.status.success(),
+        "mosquitto_pub failed:\n{}",
+        output_text(&out)
+    );
+}
+
+pub fn qos_of(qos: u8) -> QoS {
+    match qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// A single-threaded tokio runtime for a synchronous test to drive rumqttc.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building a tokio runtime")
+}
+
+/// Publishes `n` messages to `topic` with payload = the sequence number (0, 1, …) using
+/// rumqttc; returns how many were acknowledged (PUBACK/PUBCOMP; for QoS 0, how many were sent).
+pub fn publish_seq(port: u16, topic: &str, n: usize, qos: u8) -> usize {
+    let topic = topic.to_string();
+    publish_each(port, n, qos, move |i| {
+        (topic.clone(), i.to_string().into_bytes())
+    })
+}
+
+/// Publishes `n` messages built by `make(seq)` with rumqttc, 100 in flight, bounded by 60 s;
+/// returns how many were acknowledged.
+pub fn publish_each(
+    port: u16,
+    n: usize,
+    qos: u8,
+    make: impl Fn(usize) -> (String, Vec<u8>) + Send + 'static,
+) -> usize {
+    runtime().block_on(async move {
+        let mut opts = MqttOptions::new(client_id("pub"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_inflight(100)
+            .set_max_packet_size(1024 * 1024, 1024 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let level = qos_of(qos);
+        let sender = tokio::spawn(async move {
+            for i in 0..n {
+                let (topic, payload) = make(i);
+                if client.publish(topic, level, false, payload).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        let mut acked = 0usize;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while acked < n {
+            let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(ev)) => ev,
+                Ok(Err(_)) | Err(_) => break,
+            };
+            match ev {
+                Event::Incoming(Packet::PubAck(_)) if qos == 1 => acked += 1,
+                Event::Incoming(Packet::PubComp(_)) if qos == 2 => acked += 1,
+                Event::Outgoing(Outgoing::Publish(_)) if qos == 0 => acked += 1,
+                _ => {}
+            }
+        }
+        if let Ok(client) = sender.await {
+            let _ = client.disconnect().await;
+            // Let the DISCONNECT go out so the broker does not see an abrupt close.
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while eventloop.poll().await.is_ok() {}
+            })
+            .await;
+        }
+        acked
+    })
+}
+
+/// A client id unique within this process.
+pub fn client_id(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), fastrand::u32(..))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking sequences
+
+/// What arrived of the sequence 0..n.
+#[derive(Debug)]
+pub struct SeqReport {
+    /// Sequence numbers that never arrived.
+    pub missing: Vec<usize>,
+    /// Arrivals beyond the first of each number.
+    pub duplicates: usize,
+    /// First arrivals that came after a higher number's first arrival.
+    pub out_of_order: usize,
+    /// Payloads that were not a number in 0..n.
+    pub foreign: usize,
+}
+
+/// Checks payload sequence numbers (see [`publish_seq`]) among `msgs` on exactly `topic`.
+pub fn check_seq(msgs: &[Msg], topic: &str, n: usize) -> SeqReport {
+    check_numbers(
+        msgs.iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| p.trim().parse::<usize>().ok()),
+        n,
+    )
+}
+
+/// Checks a stream of sequence numbers (`None` = unparsable) against 0..n.
+pub fn check_numbers(seqs: impl Iterator<Item = Option<usize>>, n: usize) -> SeqReport {
+    let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut highest_first: Option<usize> = None;
+    let mut report = SeqReport {
+        missing: Vec::new(),
+        duplicates: 0,
+        out_of_order: 0,
+        foreign: 0,
+    };
+    for seq in seqs {
+        match seq {
+            Some(s) if s < n => {
+                let count = seen.entry(s).or_insert(0);
+                *count += 1;
+                if *count > 1 {
+                    report.duplicates += 1;
+                } else {
+                    if highest_first.is_some_and(|h| s < h) {
+                        report.out_of_order += 1;
+                    }
+                    highest_first = highest_first.max(Some(s));
+                }
+            }
+            _ => report.foreign += 1,
+        }
+    }
+    report.missing = (0..n).filter(|i| !seen.contains_key(i)).collect();
+    report
+}
+
+impl SeqReport {
+    /// A short description for assertion messages (missing numbers abbreviated).
+    pub fn summary(&self) -> String {
+        let shown: Vec<_> = self.missing.iter().take(20).collect();
+        format!(
+            "missing {} (first: {shown:?}), duplicates {}, out of order {}, foreign {}",
+            self.missing.len(),
+            self.duplicates,
+            self.out_of_order,
+            self.foreign
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+pub mod certs {
+    use std::fs;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::time::Duration;
+
+    /// Paths written by [`generate`].
+    #[derive(Clone, Debug)]
+    pub struct Certs {
+        pub ca_cert: PathBuf,
+        pub ca_key: PathBuf,
+        pub server_cert: PathBuf,
+        pub server_key: PathBuf,
+        pub client_cert: PathBuf,
+        pub client_key: PathBuf,
+    }
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let mut cmd = Command::new("openssl");
+        cmd.args(args).current_dir(dir);
+        let out = super::run_with_timeout(&mut cmd, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed:\n{}",
+            super::output_text(&out)
+        );
+    }
+
+    /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate
+    /// (CN=test-client, O=edgegate), all PEM, all readable by anyone (mosquitto may drop root).
+    pub fn generate(dir: &Path) -> Certs {
+        let days = "3650";
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                days,
+                "-subj",
+                "/CN=edgegate test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("writing server.ext");
+        fs::write(
+            dir.join("client.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+        )
+        .expect("writing client.ext");
+        for (name, subj) in [
+            ("server", "/CN=localhost"),
+            ("client", "/CN=test-client/O=edgegate"),
+        ] {
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let pem = format!("{name}.pem");
+            let ext = format!("{name}.ext");
+            openssl(
+                dir,
+                &[
+                    "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+                    subj,
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &pem,
+                    "-days",
+                    days,
+                    "-sha256",
+                    "-extfile",
+                    &ext,
+                ],
+            );
+        }
+        for entry in fs::read_dir(dir).expect("listing the cert dir").flatten() {
+            let mut perms = entry.metadata().expect("stat of a cert file").permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+            fs::set_permissions(entry.path(), perms).expect("chmod of a cert file");
+        }
+        Certs {
+            ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca.key"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
+}

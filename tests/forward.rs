@@ -1,0 +1,527 @@
+//! Store-and-forward against a real mosquitto upstream: outages, crashes, TLS, downlink, limits.
+
+mod common;
+
+use std::path::Path;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+/// Starts a gateway forwarding `sensors/#` to `upstream_url`, retrying on a port clash.
+fn start_gateway(dir: &Path, upstream_url: &str, extra_store: &str, extra_uplink: &str) -> Gateway {
+    retry_on_port_clash(3, || {
+        let yaml = gateway_yaml(
+            dir,
+            free_port(),
+            Some(upstream_url),
+            extra_store,
+            extra_uplink,
+        );
+        Gateway::try_start_with(dir, &yaml)
+    })
+}
+
+fn persistent_upstream() -> Mosquitto {
+    Mosquitto::start(MosquittoOpts {
+        persistence: true,
+        ..MosquittoOpts::default()
+    })
+}
+
+/// Waits (bounded) until `buffer stats` reports `rows` queued rows; returns the last stats.
+fn wait_rows(gw: &Gateway, rows: u64, timeout: Duration) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let reached = wait_until(timeout, || {
+        last = gw.buffer_stats();
+        stat(&last, "rows") == rows
+    });
+    assert!(
+        reached,
+        "store never held {rows} rows; last stats:\n{last:#}\nlog:\n{}",
+        gw.log()
+    );
+    last
+}
+
+fn assert_complete_in_order(sub: &Subscriber, topic: &str, n: usize, gw: &Gateway) -> SeqReport {
+    // Duplicates count towards the subscriber's total, so wait on the sequence, not the count.
+    let mut report = check_seq(&[], topic, n);
+    wait_until(Duration::from_secs(40), || {
+        report = check_seq(&sub.messages(), topic, n);
+        report.missing.is_empty()
+    });
+    assert!(
+        report.missing.is_empty(),
+        "lost messages: {}\ngateway log:\n{}",
+        report.summary(),
+        gw.log()
+    );
+    assert_eq!(report.out_of_order, 0, "{}", report.summary());
+    report
+}
+
+#[test]
+fn messages_published_to_the_gateway_arrive_upstream_in_order_at_qos_1() {
+    let upstream = Mosquitto::start(MosquittoOpts {
+        verbose_log: true,
+        ..MosquittoOpts::default()
+    });
+    let sub = Subscriber::start(
+        upstream.port(),
+        "sensors/#",
+        &client_id("up"),
+        &ClientOpts::qos(1),
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), &upstream.url(), "", "");
+
+    let n = 2000;
+    let acked = publish_seq(gw.port(), "sensors/e2e", n, 1);
+    assert_eq!(
+        acked,
+        n,
+        "gateway acknowledged {acked} of {n}; log:\n{}",
+        gw.log()
+    );
+    assert_complete_in_order(&sub, "sensors/e2e", n, &gw);
+    let forwarded: Vec<Received> = upstream
+        .received_from("test")
+        .into_iter()
+        .filter(|r| r.topic == "sensors/e2e")
+        .collect();
+    assert!(
+        forwarded.len() >= n,
+        "upstream logged {} publishes",
+        forwarded.len()
+    );
+    assert!(
+        forwarded.iter().all(|r| r.qos == 1 && !r.retain),
+        "not all forwarded at QoS 1 without retain: {:?}",
+        forwarded.iter().find(|r| r.qos != 1 || r.retain)
+    );
+}
+
+#[test]
+fn an_mqtt5_uplink_tags_every_message_with_a_distinct_gateway_scoped_id() {
+    let upstream = Mosquitto::start(MosquittoOpts::default());
+    let opts = ClientOpts {
+        qos: 1,
+        v5: true,
+        format: Some("%t %P|%p".into()),
+        ..ClientOpts::default()
+    };
+    let sub = Subscriber::start(upstream.port(), "sensors/#", &client_id("up5"), &opts);
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), &upstream.url(), "", "protocol: 5");
+    let n = 200;
+    assert_eq!(publish_seq(gw.port(), "sensors/v5", n, 1), n);
+    let msgs = sub.wait_for(n, Duration::from_secs(20));
+    assert_eq!(msgs.len(), n, "log:\n{}", gw.log());
+    let mut ids = std::collections::HashSet::new();
+    let mut payloads = Vec::new();
+    for (topic, rest) in &msgs {
+        assert_eq!(topic, "sensors/v5");
+        let (props, payload) = rest.split_once('|').unwrap_or(("", rest));
+        let id = props
+            .split(' ')
+            .find_map(|p| p.strip_prefix("edgegate-id:"))
+            .unwrap_or_else(|| panic!("no edgegate-id user property in {rest:?}"));
+        assert!(
+            id.starts_with("test/"),
+            "id {id} is not scoped by the gateway id"
+        );
+        assert!(ids.insert(id.to_string()), "id {id} used twice");
+        payloads.push((topic.clone(), payload.to_string()));
+    }
+    let report = check_seq(&payloads, "sensors/v5", n);
+    assert!(
+        report.missing.is_empty() && report.out_of_order == 0,
+        "{}",
+        report.summary()
+    );
+}
+
+#[test]
+fn sigterm_with_the_upstream_down_exits_0_in_time_and_keeps_the_backlog_for_the_next_run() {
+    let mut upstream = persistent_upstream();
+    let sub = Subscriber::start(
+        upstream.port(),
+        "sensors/#",
+        &client_id("up"),
+        &ClientOpts::qos(1),
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let mut gw = start_gateway(dir.path(), &upstream.url(), "", "");
+
+    upstream.stop();
+    let n = 500;
+    assert_eq!(publish_seq(gw.port(), "sensors/graceful", n, 1), n);
+    wait_rows(&gw, n as u64, Duration::from_secs(20));
+    // gateway.shutdown_timeout is 5 s in these configs; allow 2 s beyond it for the exit.
+    let started = std::time::Instant::now();
+    let status = gw.sigterm_and_wait(Duration::from_secs(7));
+    assert_eq!(status.code(), Some(0), "log:\n{}", gw.log());
+    assert!(started.elapsed() < Duration::from_secs(7));
+
+    gw.restart();
+    upstream.restart();
+    assert_complete_in_order(&sub, "sensors/graceful", n, &gw);
+}
+
+#[test]
+fn a_backlog_built_while_the_upstream_is_down_arrives_in_order_when_it_returns() {
+    let mut upstream = persistent_upstream();
+    let sub = Subscriber::start(
+        upstream.port(),
+        "sensors/#",
+        &client_id("up"),
+        &ClientOpts::qos(1),
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), &upstream.url(), "", "");
+
+    upstream.stop();
+    let n = 2000;
+    let acked = publish_seq(gw.port(), "sensors/backlog", n, 1);
+    assert_eq!(acked, n, "log:\n{}", gw.log());
+    let stats = wait_rows(&gw, n as u64, Duration::from_secs(20));
+    assert!(stat(&stats, "rows") > 0);
+
+    upstream.restart();
+    assert_complete_in_order(&sub, "sensors/backlog", n, &gw);
+    assert!(
+        wait_until(Duration::from_secs(10), || stat(&gw.buffer_stats(), "rows")
+            == 0),
+        "store not empty after delivery: {:#}",
+        gw.buffer_stats()
+    );
+}
+
+#[test]
+fn kill_9_with_a_committed_backlog_loses_nothing_after_restart() {
+    let mut upstream = persistent_upstream();
+    let sub = Subscriber::start(
+        upstream.port(),
+        "sensors/#",
+        &client_id("up"),
+        &ClientOpts::qos(1),
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let mut gw = start_gateway(dir.path(), &upstream.url(), "", "");
+
+    upstream.stop();
+    let n = 2000;
+    let acked = publish_seq(gw.port(), "sensors/crash", n, 1);
+    assert_eq!(acked, n, "log:\n{}", gw.log());
+    // rumqttd PUBACKs before our commit; wait for the commit so "accepted" means "on disk".
+    wait_rows(&gw, n as u64, Duration::from_secs(20));
+    gw.kill9();
+
+    gw.restart();
+    upstream.restart();
+    let report = assert_complete_in_order(&sub, "sensors/crash", n, &gw);
+    assert_eq!(report.foreign, 0, "{}", report.summary());
+}
+
+#[test]
+fn kill_9_while_draining_loses_nothing_and_duplicates_at_most_the_inflight_window() {
+    let max_inflight = 20;
+    let mut upstream = persistent_upstream();
+    let sub = Subscriber::start(
+        upstream.port(),
+        "sensors/#",
+        &client_id("up"),
+        &ClientOpts::qos(1),
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    // A rate limit stretches the drain to a few seconds so the kill lands in the middle of it.
+    let mut gw = start_gateway(
+        dir.path(),
+        &upstream.url(),
+        "",
+        &format!("max_inflight: {max_inflight}\nmax_rate: 1000"),
+    );
+
+    upstream.stop();
+    let n = 3000;
+    assert_eq!(
+        publish_seq(gw.port(), "sensors/drain", n, 1),
+        n,
+        "log:\n{}",
+        gw.log()
+    );
+    wait_rows(&gw, n as u64, Duration::from_secs(20));
+
+    upstream.restart();
+    assert!(
+        wait_until(Duration::from_secs(20), || sub.count() >= 300),
+        "drain did not start; got {}; log:\n{}",
+        sub.count(),
+        gw.log()
+    );
+    gw.kill9();
+    let at_kill = sub.count();
+    assert!(
+        at_kill < n,
+        "the whole backlog drained before the kill; nothing was tested"
+    );
+
+    gw.restart();
+    let report = assert_complete_in_order(&sub, "sensors/drain", n, &gw);
+    assert!(
+        report.duplicates <= max_inflight,
+        "{} duplicates > max_inflight {max_inflight} (killed after {at_kill} arrived)",
+        report.duplicates
+    );
+}
+
+#[test]
+fn an_upstream_restart_without_persistence_while_messages_flow_loses_nothing() {
+    let mut upstream = Mosquitto::start(MosquittoOpts {
+        verbose_log: true,
+        ..MosquittoOpts::default()
+    });
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), &upstream.url(), "", "");
+
+    let n = 2000;
+    let port = gw.port();
+    // One topic per message, so the upstream's log of received PUBLISHes is the witness: a
+    // subscriber could miss messages that the upstream accepted while it was reconnecting.
+    let publisher = thread::spawn(move || {
+        publish_each(port, n, 1, |i| {
+            thread::sleep(Duration::from_micros(1500));
+            (format!("sensors/flow/{i}"), i.to_string().into_bytes())
+        })
+    });
+    let flowing = wait_until(Duration::from_secs(20), || {
+        upstream.received_topics_from("test").len() >= 300
+    });
+    assert!(flowing, "nothing reached the upstream; log:\n{}", gw.log());
+    upstream.kill();
+    upstream.restart();
+    let acked = publisher.join().expect("publisher thread panicked");
+    assert_eq!(acked, n, "log:\n{}", gw.log());
+
+    let mut report = None;
+    wait_until(Duration::from_secs(30), || {
+        let topics = upstream.received_topics_from("test");
+        let r = check_numbers(
+            topics
+                .iter()
+                .filter_map(|t| t.strip_prefix("sensors/flow/"))
+                .map(|s| s.parse().ok()),
+            n,
+        );
+        let done = r.missing.is_empty();
+        report = Some(r);
+        done
+    });
+    let report = report.expect("checked at least once");
+    assert!(
+        report.missing.is_empty(),
+        "upstream never received: {}\ngateway log:\n{}",
+        report.summary(),
+        gw.log()
+    );
+}
+
+#[test]
+fn a_mutual_tls_upstream_receives_forwarded_messages() {
+    let certdir = tempfile::tempdir().expect("creating a temp dir");
+    let certs = certs::generate(certdir.path());
+    let upstream = Mosquitto::start(MosquittoOpts {
+        tls: Some(MosquittoTls {
+            ca_file: certs.ca_cert.clone(),
+            cert_file: certs.server_cert.clone(),
+            key_file: certs.server_key.clone(),
+            require_certificate: true,
+        }),
+        ..MosquittoOpts::default()
+    });
+    // The subscriber reuses the server's CA with the client certificate.
+    let sub_opts = ClientOpts {
+        qos: 1,
+        tls: Some((
+            certs.ca_cert.clone(),
+            Some(certs.client_cert.clone()),
+            Some(certs.client_key.clone()),
+        )),
+        ..ClientOpts::default()
+    };
+    let sub = Subscriber::start(upstream.port(), "sensors/#", &client_id("up"), &sub_opts);
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(
+        dir.path(),
+        &upstream.url(),
+        "",
+        &format!(
+            "tls: {{ca_file: {}, cert_file: {}, key_file: {}}}",
+            certs.ca_cert.display(),
+            certs.client_cert.display(),
+            certs.client_key.display()
+        ),
+    );
+    let n = 200;
+    assert_eq!(publish_seq(gw.port(), "sensors/tls", n, 1), n);
+    assert_complete_in_order(&sub, "sensors/tls", n, &gw);
+}
+
+#[test]
+fn a_command_published_upstream_reaches_a_local_subscriber_under_the_mapped_topic() {
+    let upstream = Mosquitto::start(MosquittoOpts::default());
+    let status = Subscriber::start(
+        upstream.port(),
+        "edgegate/test/status",
+        &client_id("status"),
+        &ClientOpts::qos(1),
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), &upstream.url(), "", "");
+    let local = Subscriber::start(gw.port(), "cmd/#", &client_id("local"), &ClientOpts::qos(1));
+    assert!(
+        !status.wait_for(1, Duration::from_secs(15)).is_empty(),
+        "gateway never announced itself upstream; log:\n{}",
+        gw.log()
+    );
+    // The downlink SUBSCRIBE may follow the birth message by a moment: repeat, bounded.
+    for _ in 0..20 {
+        publish(upstream.port(), "edgegate/test/cmd/relay1", "on", 1);
+        if !local.wait_for(1, Duration::from_millis(500)).is_empty() {
+            break;
+        }
+    }
+    let msgs = local.messages();
+    assert!(
+        !msgs.is_empty(),
+        "no command arrived locally; log:\n{}",
+        gw.log()
+    );
+    assert!(
+        msgs.iter()
+            .all(|m| m == &("cmd/relay1".to_string(), "on".to_string())),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn the_upstream_status_is_online_while_connected_and_offline_after_a_crash() {
+    let upstream = Mosquitto::start(MosquittoOpts::default());
+    let status = Subscriber::start(
+        upstream.port(),
+        "edgegate/test/status",
+        &client_id("status"),
+        &ClientOpts::qos(1),
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let mut gw = start_gateway(dir.path(), &upstream.url(), "", "");
+    let msgs = status.wait_for(1, Duration::from_secs(15));
+    assert_eq!(
+        msgs.first().map(|m| m.1.as_str()),
+        Some("online"),
+        "log:\n{}",
+        gw.log()
+    );
+    gw.kill9();
+    let msgs = status.wait_for(2, Duration::from_secs(15));
+    assert_eq!(
+        msgs.last().map(|m| m.1.as_str()),
+        Some("offline"),
+        "{msgs:?}"
+    );
+
+    // A late subscriber sees the retained state.
+    let late = Subscriber::start(
+        upstream.port(),
+        "edgegate/test/status",
+        &client_id("late"),
+        &ClientOpts::qos(1),
+    );
+    assert_eq!(
+        late.wait_for(1, Duration::from_secs(10)),
+        vec![("edgegate/test/status".to_string(), "offline".to_string())]
+    );
+}
+
+#[test]
+fn a_full_store_with_drop_newest_counts_every_refused_message_exactly() {
+    // Nothing listens there: the store only fills.
+    let dead_upstream = format!("mqtt://127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let max_bytes = 1024 * 1024;
+    let gw = start_gateway(
+        dir.path(),
+        &dead_upstream,
+        &format!("max_bytes: {max_bytes}\nwhen_full: drop_newest"),
+        "",
+    );
+    let n = 2000;
+    let payload = "x".repeat(1000);
+    let acked = publish_each(gw.port(), n, 1, move |i| {
+        (
+            "sensors/full".to_string(),
+            format!("{i} {payload}").into_bytes(),
+        )
+    });
+    assert_eq!(acked, n, "log:\n{}", gw.log());
+
+    let mut stats = serde_json::Value::Null;
+    let settled = wait_until(Duration::from_secs(10), || {
+        stats = gw.buffer_stats();
+        stat(&stats, "rows") + stat(&stats, "dropped.store_full") == n as u64
+    });
+    assert!(
+        settled,
+        "rows + dropped.store_full never reached {n}:\n{stats:#}\nlog:\n{}",
+        gw.log()
+    );
+    let rows = stat(&stats, "rows");
+    assert!(rows > 0 && rows < n as u64, "{stats:#}");
+    assert!(stat(&stats, "bytes") <= max_bytes, "{stats:#}");
+    assert_eq!(stat(&stats, "dropped.expired"), 0, "{stats:#}");
+    assert_eq!(stat(&stats, "dropped.disk_full"), 0, "{stats:#}");
+    // drop_newest keeps the oldest rows: export holds exactly them.
+    let exported = gw.buffer_export();
+    assert_eq!(exported.len() as u64, rows, "export disagrees with stats");
+}
+
+#[test]
+fn a_corrupt_store_file_is_moved_aside_and_forwarding_still_works() {
+    let upstream = Mosquitto::start(MosquittoOpts::default());
+    let sub = Subscriber::start(
+        upstream.port(),
+        "sensors/#",
+        &client_id("up"),
+        &ClientOpts::qos(1),
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let mut gw = start_gateway(dir.path(), &upstream.url(), "", "");
+    let status = gw.sigterm_and_wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "log:\n{}", gw.log());
+
+    let db = dir.path().join("buffer.db");
+    assert!(db.exists(), "the store file was not created");
+    let garbage: Vec<u8> = (0..64 * 1024).map(|_| fastrand::u8(..)).collect();
+    std::fs::write(&db, garbage).expect("overwriting the store with garbage");
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("buffer.db{suffix}")));
+    }
+
+    gw.restart();
+    let quarantined: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("listing the gateway dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("buffer.db.corrupt-"))
+        .collect();
+    assert!(
+        !quarantined.is_empty(),
+        "no buffer.db.corrupt-* file; log:\n{}",
+        gw.log()
+    );
+
+    let n = 100;
+    assert_eq!(publish_seq(gw.port(), "sensors/after", n, 1), n);
+    assert_complete_in_order(&sub, "sensors/after", n, &gw);
+}
