@@ -118,10 +118,10 @@ fn default_connect_timeout() -> HumanDuration {
     HumanDuration::from_secs(5)
 }
 fn default_segment_size() -> ByteSize {
-    ByteSize(4 * 1024 * 1024)
+    ByteSize(1024 * 1024)
 }
 fn default_segment_count() -> usize {
-    4
+    2
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -359,7 +359,7 @@ fn default_reconnect_min() -> HumanDuration {
     HumanDuration::from_millis(250)
 }
 fn default_reconnect_max() -> HumanDuration {
-    HumanDuration::from_secs(30)
+    HumanDuration::from_secs(5)
 }
 fn default_uplink_max_packet() -> ByteSize {
     ByteSize(1024 * 1024)

@@ -46,8 +46,9 @@ pub struct LocalIntake {
 
 /// Most messages handed to the store in one append.
 const MAX_BATCH: usize = 1000;
-/// Most appends handed to the store and not yet committed.
-const MAX_OUTSTANDING: usize = 16;
+/// Most rows handed to the store and not yet committed (~10 MB of 100-byte messages): a burst
+/// waits here, in our memory, rather than in rumqttd's log, which loses what does not fit.
+const MAX_OUTSTANDING_ROWS: usize = 64_000;
 
 impl LocalIntake {
     /// Subscribes the link to the forward filters. Done before the listeners report ready so no
@@ -69,28 +70,28 @@ impl LocalIntake {
         cancel: CancellationToken,
     ) -> Result<(), IntakeError> {
         let mut batch: Vec<NewMessage> = Vec::with_capacity(MAX_BATCH);
-        let mut pending: VecDeque<PendingCommit> = VecDeque::new();
-        let mut gaps = GapDetector::default();
-        let subscriptions = self.uplink.local_subscriptions();
+        let mut pending: VecDeque<(PendingCommit, usize)> = VecDeque::new();
+        let mut outstanding = 0usize;
+        let mut routes = Routes::new(&self.uplink);
         loop {
-            // Bounded memory: with this many appends not yet committed, wait for the oldest. The
-            // link then backs up into rumqttd's in-memory log, which is sized for such bursts.
-            while pending.len() >= MAX_OUTSTANDING {
-                if let Some(p) = pending.pop_front() {
-                    let _ = p.await;
-                }
+            // Bounded memory: with this many rows handed to the store and not yet committed,
+            // wait for the oldest append. Only then does the link back up into rumqttd's
+            // in-memory log (which, if it rolls over, is counted as `overrun`).
+            while outstanding >= MAX_OUTSTANDING_ROWS {
+                let Some((p, n)) = pending.pop_front() else {
+                    break;
+                };
+                let _ = p.await;
+                outstanding -= n;
             }
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
                 n = link_rx.next() => match n {
                     Ok(Some(Notification::Forward(fwd))) => {
-                        if let Some((_, offset)) = fwd.cursor {
-                            gaps.observe(&fwd.publish.topic, offset, &subscriptions, &self.counters);
-                        }
-                        self.accept(fwd.publish.topic, fwd.publish.payload, &mut batch);
+                        self.accept(&mut routes, fwd, &mut batch);
                         if batch.len() >= MAX_BATCH {
-                            pending.extend(self.flush(&mut batch));
+                            self.flush(&mut batch, &mut pending, &mut outstanding);
                         }
                     }
                     Ok(Some(Notification::Unschedule)) => {
@@ -99,12 +100,14 @@ impl LocalIntake {
                     }
                     Ok(Some(_)) | Ok(None) => {}
                     Err(e) => {
-                        drop(self.flush(&mut batch));
+                        self.flush(&mut batch, &mut pending, &mut outstanding);
                         return Err(IntakeError::LinkClosed(e.to_string()));
                     }
                 },
                 // Reached only when the link has nothing ready: hand over what we have.
-                _ = std::future::ready(()), if !batch.is_empty() => pending.extend(self.flush(&mut batch)),
+                _ = std::future::ready(()), if !batch.is_empty() => {
+                    self.flush(&mut batch, &mut pending, &mut outstanding);
+                }
             }
         }
         // Shutdown: take what rumqttd already delivered to us, then hand it to the store.
@@ -112,33 +115,39 @@ impl LocalIntake {
             tokio::time::timeout(std::time::Duration::from_millis(50), link_rx.next()).await
         {
             if let Notification::Forward(fwd) = n {
-                self.accept(fwd.publish.topic, fwd.publish.payload, &mut batch);
+                self.accept(&mut routes, fwd, &mut batch);
             }
         }
-        pending.extend(self.flush(&mut batch));
+        self.flush(&mut batch, &mut pending, &mut outstanding);
         // Wait for the store to take all of it before the store itself is closed.
-        for p in pending {
+        for (p, _) in pending {
             let _ = p.await;
         }
         Ok(())
     }
 
-    fn accept(&self, topic: bytes::Bytes, payload: bytes::Bytes, batch: &mut Vec<NewMessage>) {
+    fn accept(&self, routes: &mut Routes, fwd: rumqttd::Forward, batch: &mut Vec<NewMessage>) {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let Ok(topic) = String::from_utf8(topic.to_vec()) else {
+        let publish = fwd.publish;
+        let Some(route) = routes.lookup(&publish.topic, &self.uplink) else {
             self.counters.bad_topic.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let Some((_, rule)) = self.uplink.match_rule(&topic) else {
+        if let (Some(sub), Some((_, offset))) = (route.subscription, fwd.cursor) {
+            routes.observe_offset(sub, offset, &self.counters);
+        }
+        let Some(rule) = route.rule else {
             self.counters.unmatched.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // The route cache validated the topic as UTF-8.
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
         batch.push(NewMessage {
             priority: rule.priority,
             qos: rule.qos,
             retain: rule.retain,
             topic,
-            payload,
+            payload: publish.payload,
             created_ms: now_ms(),
         });
     }
@@ -146,53 +155,100 @@ impl LocalIntake {
     /// Hands the batch to the store without waiting for the commit: the store thread batches,
     /// and the link must keep being read so rumqttd's in-memory log never rolls over. Drops are
     /// counted and logged by the store.
-    fn flush(&self, batch: &mut Vec<NewMessage>) -> Option<PendingCommit> {
+    fn flush(
+        &self,
+        batch: &mut Vec<NewMessage>,
+        pending: &mut VecDeque<(PendingCommit, usize)>,
+        outstanding: &mut usize,
+    ) {
         if batch.is_empty() {
-            return None;
+            return;
         }
-        Some(self.store.append(std::mem::take(batch), Durability::Linger))
+        let n = batch.len();
+        let p = self.store.append(
+            std::mem::replace(batch, Vec::with_capacity(MAX_BATCH)),
+            Durability::Linger,
+        );
+        pending.push_back((p, n));
+        *outstanding += n;
     }
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+/// What the intake does with one topic: cached, because devices publish to the same few topics
+/// over and over and matching every filter for every message costs more than the rest.
+#[derive(Clone, Copy)]
+struct Route {
+    rule: Option<RuleSettings>,
+    /// Index of the intake subscription (filter) this topic arrives through.
+    subscription: Option<usize>,
 }
 
-/// Watches the absolute log offsets rumqttd attaches to each forwarded message: within one
-/// subscription filter they are consecutive, so a jump means the router's in-memory log rolled
-/// over before we read it (rumqttd then "jumps to head"). That loss cannot be undone here — the
-/// devices already have their PUBACKs — but it must never be silent.
-#[derive(Default)]
-struct GapDetector {
-    last: std::collections::HashMap<String, u64>,
+#[derive(Clone, Copy)]
+struct RuleSettings {
+    priority: u8,
+    qos: u8,
+    retain: bool,
+}
+
+/// Topic → route cache, and the rumqttd log offsets seen per subscription.
+///
+/// rumqttd attaches each forwarded message's absolute offset in its per-filter in-memory log;
+/// within one subscription they are consecutive, so a jump means the log rolled over before we
+/// read it (rumqttd "jumps to head"). That loss cannot be undone here — the devices already have
+/// their PUBACKs — but it must never be silent.
+struct Routes {
+    cache: std::collections::HashMap<bytes::Bytes, Option<Route>>,
+    subscriptions: Vec<String>,
+    last_offset: Vec<Option<u64>>,
     last_log: Option<std::time::Instant>,
     unlogged: u64,
 }
 
-impl GapDetector {
-    fn observe(
-        &mut self,
-        topic: &[u8],
-        offset: u64,
-        subscriptions: &[String],
-        counters: &IntakeCounters,
-    ) {
-        let Ok(topic) = std::str::from_utf8(topic) else {
+/// Distinct topics remembered; past this the cache starts over (bounded memory with many topics).
+const ROUTE_CACHE_MAX: usize = 4096;
+
+impl Routes {
+    fn new(uplink: &UplinkConfig) -> Self {
+        let subscriptions = uplink.local_subscriptions();
+        Routes {
+            cache: std::collections::HashMap::new(),
+            last_offset: vec![None; subscriptions.len()],
+            subscriptions,
+            last_log: None,
+            unlogged: 0,
+        }
+    }
+
+    /// `None` when the topic is not UTF-8.
+    fn lookup(&mut self, topic: &bytes::Bytes, uplink: &UplinkConfig) -> Option<Route> {
+        if let Some(r) = self.cache.get(topic) {
+            return *r;
+        }
+        let route = std::str::from_utf8(topic).ok().map(|t| Route {
+            rule: uplink.match_rule(t).map(|(_, r)| RuleSettings {
+                priority: r.priority,
+                qos: r.qos,
+                retain: r.retain,
+            }),
+            subscription: self
+                .subscriptions
+                .iter()
+                .position(|f| crate::config::topic::matches(f, t)),
+        });
+        if self.cache.len() >= ROUTE_CACHE_MAX {
+            self.cache.clear();
+        }
+        // A copy: the original is a slice of rumqttd's read buffer, which it would keep alive.
+        self.cache
+            .insert(bytes::Bytes::copy_from_slice(topic), route);
+        route
+    }
+
+    fn observe_offset(&mut self, sub: usize, offset: u64, counters: &IntakeCounters) {
+        let Some(slot) = self.last_offset.get_mut(sub) else {
             return;
         };
-        let Some(filter) = subscriptions
-            .iter()
-            .find(|f| crate::config::topic::matches(f, topic))
-        else {
-            return;
-        };
-        let prev = match self.last.get_mut(filter.as_str()) {
-            Some(last) => Some(std::mem::replace(last, offset)),
-            None => self.last.insert(filter.clone(), offset),
-        };
+        let prev = slot.replace(offset);
         let Some(prev) = prev else { return };
         if offset > prev + 1 {
             let lost = offset - prev - 1;
@@ -212,4 +268,11 @@ impl GapDetector {
             }
         }
     }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
