@@ -148,6 +148,17 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         .map(|l| format!("{} ({})", l.addr, l.what))
         .collect();
     tracing::info!(gateway = %gateway_id, listeners = %addrs.join(", "), startup_ms = started.elapsed().as_millis() as u64, "ready");
+    if cfg.broker.users.is_empty() {
+        let exposed: Vec<String> = broker
+            .listeners()
+            .iter()
+            .filter(|l| !l.addr.ip().is_loopback())
+            .map(|l| l.addr.to_string())
+            .collect();
+        if !exposed.is_empty() {
+            tracing::warn!(listeners = %exposed.join(", "), "the broker accepts anonymous clients from the network (no broker.users configured)");
+        }
+    }
     let store_handle = store.as_ref().map(|(h, _)| h.clone());
     notify::ready(&status_line(&link_state.borrow(), store_handle.as_ref()).await);
 

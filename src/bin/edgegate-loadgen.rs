@@ -46,6 +46,9 @@ struct Args {
     /// Give up waiting for arrivals after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Stop a connection at its first error (for crash tests) instead of reconnecting.
+    #[arg(long)]
+    stop_on_error: bool,
     /// Label copied into the result line.
     #[arg(long, default_value = "edgegate")]
     label: String,
@@ -223,6 +226,7 @@ async fn main() {
         let acked = acked.clone();
         let (eh, run_id, prefix) = (eh.clone(), run_id.clone(), args.topic_prefix.clone());
         let (messages, size, inflight, rate) = (args.messages, args.size, args.inflight, args.rate);
+        let stop_on_error = args.stop_on_error;
         tasks.push(tokio::spawn(async move {
             let mut o = MqttOptions::new(format!("loadgen-{run_id}-{conn}"), eh, ep);
             o.set_keep_alive(Duration::from_secs(60))
@@ -263,6 +267,10 @@ async fn main() {
                     Ok(_) => {}
                     Err(e) => {
                         eprintln!("loadgen: connection {conn}: {e}");
+                        if stop_on_error {
+                            publisher.abort();
+                            return;
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }

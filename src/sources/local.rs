@@ -46,6 +46,8 @@ pub struct LocalIntake {
 
 /// Most messages handed to the store in one append.
 const MAX_BATCH: usize = 1000;
+/// Longest a message waits in the intake's batch (the store's own commit_interval is longer).
+const BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// Most rows handed to the store and not yet committed (~10 MB of 100-byte messages): a burst
 /// waits here, in our memory, rather than in rumqttd's log, which loses what does not fit.
 const MAX_OUTSTANDING_ROWS: usize = 64_000;
@@ -73,6 +75,7 @@ impl LocalIntake {
         let mut pending: VecDeque<(PendingCommit, usize)> = VecDeque::new();
         let mut outstanding = 0usize;
         let mut routes = Routes::new(&self.uplink);
+        let mut batch_started = tokio::time::Instant::now();
         loop {
             // Bounded memory: with this many rows handed to the store and not yet committed,
             // wait for the oldest append. Only then does the link back up into rumqttd's
@@ -104,10 +107,16 @@ impl LocalIntake {
                         return Err(IntakeError::LinkClosed(e.to_string()));
                     }
                 },
-                // Reached only when the link has nothing ready: hand over what we have.
-                _ = std::future::ready(()), if !batch.is_empty() => {
+                // The link has nothing ready and the oldest message in the batch has waited
+                // BATCH_LINGER: hand the batch over. The store lingers longer than this anyway,
+                // so this adds no latency, and it saves the store thread a wake-up for every
+                // handful of messages.
+                _ = tokio::time::sleep_until(batch_started + BATCH_LINGER), if !batch.is_empty() => {
                     self.flush(&mut batch, &mut pending, &mut outstanding);
                 }
+            }
+            if batch.len() == 1 {
+                batch_started = tokio::time::Instant::now();
             }
         }
         // Shutdown: take what rumqttd already delivered to us, then hand it to the store.

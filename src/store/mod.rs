@@ -52,7 +52,7 @@ pub use readonly::ReadOnlyStore;
 ///
 /// It approximates what SQLite spends per row besides those two: the rowid and record header
 /// (~12 B), the qos/retain/priority/created/size columns (~12 B), the cell pointer (2 B), and the
-/// two index entries `(priority, id)` and `(created_ms)` (~30 B). Rounded up to 64 so that a store
+/// `(priority, id)` index entry (~15 B). Rounded up to 64 so that a store
 /// of many tiny messages cannot outgrow its budget on disk by much.
 pub const ROW_OVERHEAD_BYTES: u64 = 64;
 

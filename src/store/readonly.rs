@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
+use rusqlite::OptionalExtension;
 
 use super::schema::{self, MESSAGE_COLUMNS};
 use super::worker::read_message;
@@ -65,7 +66,12 @@ impl ReadOnlyStore {
             .map_err(sql)?;
         let oldest_created_ms: Option<i64> = self
             .conn
-            .query_row("SELECT min(created_ms) FROM messages", [], |r| r.get(0))
+            .query_row(
+                "SELECT created_ms FROM messages ORDER BY id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
             .map_err(sql)?;
         Ok(StoreStats {
             rows: per_priority.iter().map(|p| p.rows).sum(),

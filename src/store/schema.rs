@@ -48,8 +48,6 @@ const CREATE_SCHEMA: &str = "
     );
     -- Drain order (priority, id) and eviction order (lowest priority, oldest first).
     CREATE INDEX messages_by_priority ON messages (priority, id);
-    -- Expiry sweep and the oldest-row statistic without a table scan.
-    CREATE INDEX messages_by_created ON messages (created_ms);
 ";
 
 /// Columns selected wherever a [`super::StoredMessage`] is read, in `read_message` order.
