@@ -137,7 +137,10 @@ async fn main() {
     if let Some(up) = &args.upstream {
         let (h, p) = split_addr(up);
         let mut o = MqttOptions::new(format!("loadgen-sub-{run_id}"), h, p);
-        o.set_keep_alive(Duration::from_secs(30))
+        // A persistent session: if the subscriber's connection drops under load, the upstream
+        // keeps its messages and resends them, so a lost count is the gateway's, not ours.
+        o.set_keep_alive(Duration::from_secs(60))
+            .set_clean_session(false)
             .set_max_packet_size(1 << 20, 1 << 20)
             .set_inflight(1000);
         let (client, mut el) = AsyncClient::new(o, 100);
