@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every benchmark behind docs/benchmarks.md, edgegate and the Mosquitto bridge in one sitting.
+# Raw results go to bench-results/ (JSON lines); the tables are printed at the end.
+# Takes ~30 minutes on 2 cores; run it on a quiet machine (outside load is recorded per run).
+# usage: tests/bench/run-all.sh      (needs python3, mosquitto; builds the release binaries)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+SHARED=${SHARED_BENCH:-$ROOT/../shared/bench}
+OUT=${OUT:-$ROOT/bench-results}
+mkdir -p "$OUT"
+cargo build --release --locked --bin edgegate --bin edgegate-loadgen
+export GW_BIN=$ROOT/target/release/edgegate
+date -u +%FT%TZ >"$OUT/started"
+
+# 1. The shared harness (../shared/bench): a0 a b c-kill c-term d, 3 interleaved repeats each.
+REPEATS=${REPEATS:-3} OUTDIR=$OUT "$SHARED/run_suite.sh" edgegate "$SHARED/edges/edgegate.sh" >"$OUT/suite-edgegate.log" 2>&1
+REPEATS=${REPEATS:-3} OUTDIR=$OUT "$SHARED/run_suite.sh" mosquitto "$SHARED/edges/mosquitto.sh" >"$OUT/suite-mosquitto.log" 2>&1
+
+# 2. The Rust load generator against both (beyond the harness's ceiling).
+tests/bench/loadgen-compare.sh edgegate "$SHARED/edges/edgegate.sh" "${LG_REPEATS:-3}" >"$OUT/loadgen.jsonl"
+tests/bench/loadgen-compare.sh mosquitto "$SHARED/edges/mosquitto.sh" "${LG_REPEATS:-3}" >>"$OUT/loadgen.jsonl"
+
+# 3. Ingest-only and drain-only with a 300k backlog; 4. the PUBACK-before-commit window.
+for _ in 1 2 3; do tests/bench/drain.sh 300000; done >"$OUT/drain.jsonl"
+tests/bench/puback-window.sh 10 0 >"$OUT/window-fullspeed.txt"
+tests/bench/puback-window.sh 10 1000 >"$OUT/window-1000.txt"
+date -u +%FT%TZ >"$OUT/done"
+
+python3 tests/bench/report.py "$OUT/edgegate.jsonl" "$OUT/mosquitto.jsonl"
+python3 tests/bench/loadgen-report.py "$OUT/loadgen.jsonl"
+tail -n 1 "$OUT/window-fullspeed.txt" "$OUT/window-1000.txt"
+cat "$OUT/drain.jsonl"
