@@ -288,8 +288,11 @@ impl Forwarder {
             since: Instant::now(),
         });
 
+        // Everything QoS 1 in flight counts (the birth message too): the upstream's Receive
+        // Maximum covers all of it. Below 65535, so a free packet id always exists.
         let window = usize::from(self.uplink.max_inflight.max(1))
-            .min(usize::from(receive_max.unwrap_or(u16::MAX).max(1)));
+            .min(usize::from(receive_max.unwrap_or(u16::MAX).max(1)))
+            .min(65_000);
         let max_out = server_max_packet.map(|m| m as usize).unwrap_or(usize::MAX);
         let mut pkids = PkidPool::default();
         let mut inflight: HashMap<u16, Slot> = HashMap::new();
@@ -333,7 +336,7 @@ impl Forwarder {
         loop {
             // Fill the window from the store; everything goes into `out`, written in one go.
             if shutting_down.is_none() {
-                while rows_in_flight < window {
+                while inflight.len() < window {
                     if buffer.is_empty() {
                         if caught_up {
                             break;
