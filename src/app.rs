@@ -124,6 +124,31 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         });
     }
 
+    // ─── Hardware stage (GPIO, serial; sources::hardware) ────────────────────────────────
+    // Opened before READY so a wrong pin or a missing GPIO chip fails the start. Readings are
+    // committed to the store first, then published locally; it stops first at shutdown.
+    let hardware_token = root.child_token();
+    let mut hardware_running = false;
+    if let Some(hw) = crate::sources::hardware::Hardware::open(&cfg)
+        .map_err(|e| AppError::Start(e.to_string()))?
+    {
+        let (hw_tx, hw_rx) = broker.link("edgegate-hardware")?;
+        let hw_store = store.as_ref().map(|(h, _)| h.clone());
+        let hw_uplink = cfg.uplink.clone().map(Arc::new);
+        let hw_link_state = link_state.clone();
+        let t = hardware_token.clone();
+        hardware_running = true;
+        stages.spawn(async move {
+            (
+                "hardware",
+                hw.run(hw_tx, hw_rx, hw_store, hw_uplink, hw_link_state, t)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        });
+    }
+    // ─── end of the hardware stage ──────────────────────────────────────────────────────────
+
     // Ready only when the listeners really accept connections (rumqttd cannot tell us).
     tokio::select! {
         r = broker.wait_ready(Duration::from_secs(10)) => r?,
@@ -221,6 +246,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // Orderly stop.
     notify::stopping();
     let deadline = tokio::time::Instant::now() + cfg.gateway.shutdown_timeout.get();
+    // Hardware first: fail-safe outputs applied, its readings committed before the intake stops.
+    hardware_token.cancel();
+    if hardware_running {
+        wait_stage(&mut stages, "hardware", deadline).await;
+    }
     intake_token.cancel();
     wait_stage(&mut stages, "intake", deadline).await;
     forward_token.cancel();

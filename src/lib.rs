@@ -8,14 +8,19 @@
 //! - [`store`]: the durable SQLite queue, owned by one thread behind `StoreHandle`.
 //! - [`forward`]: the upstream MQTT client that drains the store, deleting a row only after the
 //!   upstream's PUBACK, and delivers downlink commands into the local broker.
+//! - [`hw`]: narrow traits over GPIO lines, serial ports and the clock, with real backends (GPIO
+//!   character device, rppal, tokio-serial) and simulated ones.
+//! - [`codec`]: pure parsers for hardware data: serial framing, formats, NMEA, output commands.
 //! - [`app`]: the supervisor: builds the stages, one cancellation tree, shutdown order, sd_notify.
 //! - [`cli`]: command-line interface; `main.rs` only maps results to exit codes.
 
 pub mod app;
 pub mod broker;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod forward;
+pub mod hw;
 pub mod logging;
 pub mod notify;
 pub mod sources;

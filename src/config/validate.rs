@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::load::Problem;
 use super::topic;
-use super::types::{Config, UplinkConfig};
+use super::types::{Config, GpioBackendKind, SerialFormat, UplinkConfig};
 
 /// Smallest rumqttd log segment we accept: smaller ones make the router rotate constantly.
 const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
@@ -32,6 +32,7 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
     if let Some(uplink) = &cfg.uplink {
         check_uplink(uplink, &cfg.gateway.id, &mut p);
     }
+    check_hardware(cfg, &mut p);
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cfg.log.level) {
         p.add(
             "log.level",
@@ -499,6 +500,204 @@ fn sample_topic(filter: &str) -> String {
         .map(|l| if l == "+" || l == "#" { "x" } else { l })
         .collect::<Vec<_>>()
         .join("/")
+}
+
+// ─── Hardware adapters (`gpio`, `serial`) ────────────────────────────────────────────────────────
+
+/// Longest debounce accepted: beyond this a "debounce" is really a different feature.
+const MAX_DEBOUNCE: Duration = Duration::from_secs(10);
+/// Largest serial frame: readings are small; a megabyte "line" is a wrong delimiter.
+const MAX_SERIAL_FRAME: u64 = 64 * 1024;
+
+fn check_hardware(cfg: &Config, p: &mut Problems) {
+    let g = &cfg.gpio;
+    // Names are unique across inputs, outputs and serial ports: they name log lines and topics.
+    let mut names: Vec<(String, String)> = Vec::new();
+    let mut name = |field: String, n: &str, p: &mut Problems| {
+        if n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            p.add(
+                field,
+                format!("`{n}` is not a name: use letters, digits, `_`, `-` and `.` (it goes into the default topic)"),
+            );
+        } else if let Some((other, _)) = names.iter().find(|(_, m)| m == n) {
+            p.add(field, format!("`{n}` is already the name of {other}"));
+        } else {
+            names.push((field, n.to_string()));
+        }
+    };
+    let mut pins: Vec<(String, String)> = Vec::new();
+    let mut pin = |field: String, pin: String, p: &mut Problems| {
+        if let Some((other, _)) = pins.iter().find(|(_, q)| *q == pin) {
+            p.add(field, format!("line {pin} is already used by {other}"));
+        } else {
+            pins.push((field, pin));
+        }
+    };
+    let topic_ok = |field: String, t: &str, p: &mut Problems| {
+        if let Err(e) = topic::valid_topic(t) {
+            p.add(field, e);
+        }
+    };
+    for (i, input) in g.inputs.iter().enumerate() {
+        let f = format!("gpio.inputs[{i}]");
+        name(format!("{f}.name"), &input.name, p);
+        pin(format!("{f}.pin"), input.pin.to_string(), p);
+        topic_ok(format!("{f}.topic"), &input.topic(), p);
+        if input.debounce.get() > MAX_DEBOUNCE {
+            p.add(
+                format!("{f}.debounce"),
+                format!("{} is too long: at most 10s", input.debounce),
+            );
+        }
+        if input.interval.is_some_and(|d| d.get().is_zero()) {
+            p.add(
+                format!("{f}.interval"),
+                "must be more than 0 (leave it out to publish only changes)",
+            );
+        }
+        if !input.sim_waveform.is_empty() && g.backend != GpioBackendKind::Sim {
+            p.add(
+                format!("{f}.sim_waveform"),
+                "only the sim backend plays a waveform (gpio.backend: sim)",
+            );
+        }
+        if !input.sim_waveform.is_empty()
+            && input.sim_waveform.iter().all(|s| s.hold.get().is_zero())
+        {
+            p.add(
+                format!("{f}.sim_waveform"),
+                "every step holds 0s: give at least one step a `hold`",
+            );
+        }
+    }
+    for (i, out) in g.outputs.iter().enumerate() {
+        let f = format!("gpio.outputs[{i}]");
+        name(format!("{f}.name"), &out.name, p);
+        pin(format!("{f}.pin"), out.pin.to_string(), p);
+        topic_ok(format!("{f}.command_topic"), &out.command_topic(), p);
+        topic_ok(format!("{f}.state_topic"), &out.state_topic(), p);
+        if out.command_topic() == out.state_topic() {
+            p.add(
+                format!("{f}.state_topic"),
+                "must differ from command_topic (the output would obey its own confirmations)",
+            );
+        }
+        if out.fail_safe_after.is_some() {
+            if out.fail_safe.is_none() {
+                p.add(
+                    format!("{f}.fail_safe_after"),
+                    "needs `fail_safe`: the state to apply",
+                );
+            }
+            if cfg.uplink.is_none() {
+                p.add(
+                    format!("{f}.fail_safe_after"),
+                    "there is no uplink to watch (no `uplink` section)",
+                );
+            }
+            if out.fail_safe_after.is_some_and(|d| d.get().is_zero()) {
+                p.add(format!("{f}.fail_safe_after"), "must be more than 0");
+            }
+        }
+    }
+    for (i, port) in cfg.serial.ports.iter().enumerate() {
+        let f = format!("serial.ports[{i}]");
+        name(format!("{f}.name"), &port.name, p);
+        topic_ok(format!("{f}.topic"), &port.topic(), p);
+        match (&port.path, &port.sim) {
+            (None, None) => p.add(
+                format!("{f}.path"),
+                "missing: give the device path (e.g. /dev/serial/by-id/…) or `sim`",
+            ),
+            (Some(_), Some(_)) => {
+                p.add(format!("{f}.sim"), "give either `path` or `sim`, not both")
+            }
+            (Some(path), None) if path.as_os_str().is_empty() => {
+                p.add(format!("{f}.path"), "must not be empty")
+            }
+            _ => {}
+        }
+        if let Some(sim) = &port.sim {
+            if sim.lines.is_empty() {
+                p.add(format!("{f}.sim.lines"), "must list at least one line");
+            }
+            if sim.interval.get().is_zero() {
+                p.add(format!("{f}.sim.interval"), "must be more than 0");
+            }
+        }
+        if !(50..=4_000_000).contains(&port.baud) {
+            p.add(
+                format!("{f}.baud"),
+                format!("{} is out of range: 50 to 4000000", port.baud),
+            );
+        }
+        if !(5..=8).contains(&port.data_bits) {
+            p.add(
+                format!("{f}.data_bits"),
+                format!("{} is not 5, 6, 7 or 8", port.data_bits),
+            );
+        }
+        if !(1..=2).contains(&port.stop_bits) {
+            p.add(
+                format!("{f}.stop_bits"),
+                format!("{} is not 1 or 2", port.stop_bits),
+            );
+        }
+        if port.delimiter.as_deref() == Some("") {
+            p.add(
+                format!("{f}.delimiter"),
+                "must not be empty (leave it out for newline)",
+            );
+        }
+        if !(1..=MAX_SERIAL_FRAME).contains(&port.max_frame.get()) {
+            p.add(
+                format!("{f}.max_frame"),
+                format!("{} is out of range: 1 byte to 64KiB", port.max_frame),
+            );
+        }
+        match port.format {
+            SerialFormat::Csv if port.fields.is_empty() => p.add(
+                format!("{f}.fields"),
+                "csv needs the column names, in order",
+            ),
+            SerialFormat::Raw | SerialFormat::Value | SerialFormat::Kv | SerialFormat::Nmea
+                if !port.fields.is_empty() =>
+            {
+                p.add(
+                    format!("{f}.fields"),
+                    "only the json (selection) and csv (column names) formats take fields",
+                )
+            }
+            _ => {}
+        }
+        if let Some(poll) = &port.poll {
+            if poll.request.is_empty() {
+                p.add(format!("{f}.poll.request"), "must not be empty");
+            }
+            if poll.interval.get().is_zero() {
+                p.add(format!("{f}.poll.interval"), "must be more than 0");
+            }
+        }
+        if port.reopen_min.get().is_zero() {
+            p.add(
+                format!("{f}.reopen_min"),
+                "must be more than 0 (the backoff doubles it)",
+            );
+        }
+        if port.reopen_min > port.reopen_max {
+            p.add(
+                format!("{f}.reopen_min"),
+                format!(
+                    "{} is more than reopen_max ({})",
+                    port.reopen_min, port.reopen_max
+                ),
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -145,6 +145,11 @@ impl LocalIntake {
         if let (Some(sub), Some((_, offset))) = (route.subscription, fwd.cursor) {
             routes.observe_offset(sub, offset, &self.counters);
         }
+        // Hardware readings are committed by the hardware stage before it publishes them, and
+        // marked so; storing them again here would forward each one twice.
+        if crate::sources::hardware::already_stored(&publish.topic, &publish.payload) {
+            return;
+        }
         let Some(rule) = route.rule else {
             self.counters.unmatched.fetch_add(1, Ordering::Relaxed);
             return;

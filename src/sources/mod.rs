@@ -1,4 +1,7 @@
-//! Sources turn input into messages for the store. Today: the embedded broker's subscription on
-//! the forward filters (`local`). Hardware sources (GPIO, serial) join here.
+//! Sources turn input into messages for the store: the embedded broker's subscription on the
+//! forward filters (`local`), and the hardware adapters (`hardware` runs `gpio` and `serial`).
 
+pub mod gpio;
+pub mod hardware;
 pub mod local;
+pub mod serial;

@@ -329,11 +329,12 @@ async fn rows_older_than_max_age_expire_on_an_idle_store_and_are_counted_exactly
     let opened = Store::open(&cfg).expect("open");
     let h = opened.0.clone();
     let mut batch = Vec::new();
+    // Rows are created in id order (the intake stamps them as they arrive), oldest first.
     for (topic, age_ms) in [
-        ("old-1", 60_000),
-        ("fresh-1", 0),
-        ("old-2", 31_000),
         ("old-3", 90_000),
+        ("old-1", 60_000),
+        ("old-2", 31_000),
+        ("fresh-1", 0),
     ] {
         let mut m = msg(topic, 1);
         m.created_ms -= age_ms;
@@ -349,6 +350,29 @@ async fn rows_older_than_max_age_expire_on_an_idle_store_and_are_counted_exactly
     // Another sweep interval later nothing more has expired.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(h.stats().await.expect("stats").dropped.expired, 3);
+    close(opened).await;
+}
+
+/// Expiry removes the oldest rows in id order and stops at the first one still fresh: after a
+/// backwards clock jump a row stamped "old" behind a fresh one waits (it is never lost early).
+#[tokio::test]
+async fn after_a_backwards_clock_jump_an_old_stamp_behind_a_fresh_row_waits_its_turn() {
+    let (_dir, mut cfg) = temp_config();
+    cfg.max_age = Some(HumanDuration::from_secs(30));
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    let mut batch = Vec::new();
+    for (topic, age_ms) in [("old-1", 60_000), ("fresh", 0), ("old-2", 90_000)] {
+        let mut m = msg(topic, 1);
+        m.created_ms -= age_ms;
+        batch.push(m);
+    }
+    h.append(batch, Durability::Now).await.expect("append");
+    let stats = wait_for_stats(&h, Duration::from_secs(5), |s| s.dropped.expired >= 1).await;
+    assert_eq!(stats.dropped.expired, 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(h.stats().await.expect("stats").dropped.expired, 1);
+    assert_eq!(topics(&all_rows(&h).await), ["fresh", "old-2"]);
     close(opened).await;
 }
 

@@ -1181,3 +1181,110 @@ pub mod certs {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pseudo-terminals (serial adapters without hardware)
+
+/// Two linked pseudo-terminals made by `socat`: what is written into `device` comes out of
+/// `port` and the other way round. The gateway opens `port` as its serial port; the test plays
+/// the device on `device`. Killed on drop (both paths then vanish, like an unplugged adapter).
+pub struct PtyPair {
+    child: Option<Child>,
+    pub port: PathBuf,
+    pub device: PathBuf,
+}
+
+impl PtyPair {
+    /// Creates `dir/<name>-port` and `dir/<name>-device`; panics when socat does not make them
+    /// within 10 s.
+    pub fn start(dir: &Path, name: &str) -> PtyPair {
+        let mut p = PtyPair {
+            child: None,
+            port: dir.join(format!("{name}-port")),
+            device: dir.join(format!("{name}-device")),
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", self.port.display()))
+            .arg(format!("pty,raw,echo=0,link={}", self.device.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning socat (apt-get install socat)");
+        self.child = Some(child);
+        assert!(
+            wait_until(Duration::from_secs(10), || self.port.exists()
+                && self.device.exists()),
+            "socat did not create {} and {}",
+            self.port.display(),
+            self.device.display()
+        );
+    }
+
+    /// Closes both terminals (the gateway's port sees a hang-up; the paths disappear).
+    pub fn close(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_reap(&mut c);
+        }
+        let _ = wait_until(Duration::from_secs(5), || !self.port.exists());
+        let _ = fs::remove_file(&self.port);
+        let _ = fs::remove_file(&self.device);
+    }
+
+    /// Creates the pair again under the same paths (the adapter plugged back in).
+    pub fn reopen(&mut self) {
+        self.close();
+        self.spawn();
+    }
+
+    /// Writes bytes as the device.
+    pub fn write(&self, bytes: &[u8]) {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .open(&self.device)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.device.display()));
+        f.write_all(bytes).expect("writing into the pty");
+        f.flush().expect("flushing the pty");
+    }
+
+    /// Reads what the gateway wrote to the device until `want` bytes arrived or `timeout`.
+    pub fn read_for(&self, want: usize, timeout: Duration) -> Vec<u8> {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.device)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.device.display()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = std::io::Read::read(&mut f, &mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while got.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(b) => got.extend(b),
+                Err(_) => break,
+            }
+        }
+        got
+    }
+}
+
+impl Drop for PtyPair {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_reap(&mut c);
+        }
+    }
+}

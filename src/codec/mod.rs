@@ -1,0 +1,16 @@
+//! Pure codecs for hardware data: bytes in, values out. No I/O, no clock, no allocation beyond
+//! the result, so the same code runs behind a serial port, in property tests and under a fuzzer.
+//!
+//! - [`frame`]: a byte stream → frames (newline, `\r\n` or a custom delimiter; maximum length),
+//! - [`format`]: one frame → a reading (`raw`, `value`, `json`, `kv`, `csv`, `nmea`),
+//! - [`nmea`]: NMEA 0183 sentences (checksum verified; GGA and RMC),
+//! - [`command`]: a GPIO output command payload → on/off,
+//! - [`time`]: RFC 3339 UTC timestamps with milliseconds,
+//! - [`payload`]: the JSON documents the gateway publishes for readings.
+
+pub mod command;
+pub mod format;
+pub mod frame;
+pub mod nmea;
+pub mod payload;
+pub mod time;
