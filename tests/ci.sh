@@ -33,6 +33,17 @@ set +e
 cargo test --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+
+# ── packaging checks (owned by packaging/; see docs/packaging.md) ─────────────────────────────────
+# amd64 .deb: lintian, install/upgrade/remove/purge in a bookworm chroot, systemd-analyze.
+if [ "$status" -eq 0 ]; then
+  echo
+  echo "== packaging/ci-checks"
+  bash packaging/ci-checks || status=$?
+fi
+# ── end of packaging checks ───────────────────────────────────────────────────────────────────────
+
+# Last line: the cargo tests' totals, in the plain form CI reads.
 echo
 awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
