@@ -333,3 +333,38 @@ fn check_config_names_every_hardware_problem_with_its_line() {
         );
     }
 }
+
+#[test]
+fn an_output_goes_to_its_fail_safe_state_when_the_uplink_stays_down_too_long() {
+    let mut up = Mosquitto::start(MosquittoOpts::default());
+    let gw = start(
+        &up,
+        "gpio:\n  backend: sim\n  sim_state_file: {dir}/gpio.json\n  outputs:\n    - name: pump\n      pin: GPIO22\n      initial: on\n      fail_safe: off\n      fail_safe_after: 1s\n",
+    );
+    let state_file = gw.dir().join("gpio.json");
+    let level = || -> Option<u64> {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state_file).ok()?).ok()?;
+        doc["GPIO22"].as_u64()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || level() == Some(1)),
+        "initial state on not applied:\n{}",
+        gw.log()
+    );
+    // While the link is up the pump keeps running.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        level(),
+        Some(1),
+        "fail-safe applied while the uplink was up"
+    );
+
+    up.kill();
+    assert!(
+        wait_until(Duration::from_secs(10), || level() == Some(0)),
+        "fail-safe state not applied after the uplink went down:\n{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("uplink down too long"));
+}
