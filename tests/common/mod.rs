@@ -120,6 +120,40 @@ fn kill_and_reap(child: &mut Child) {
     let _ = wait_child(child, Duration::from_secs(5));
 }
 
+/// Waits until a freshly spawned server accepts TCP connections on `port`. If it exits first,
+/// `is_clash(status, log)` tells a lost port race (retried by `retry_on_port_clash`) from a real
+/// failure; if it never accepts, it is killed. Errors carry the server's log.
+fn wait_accepting(
+    child: &mut Child,
+    port: u16,
+    timeout: Duration,
+    is_clash: impl Fn(ExitStatus, &str) -> bool,
+    log: impl Fn() -> String,
+) -> Result<(), StartError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("polling a spawned server") {
+            let text = format!("exited early with {status}\n{}", log());
+            return Err(if is_clash(status, &text) {
+                StartError::PortClash(text)
+            } else {
+                StartError::Failed(text)
+            });
+        }
+        if port_accepts(port) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            kill_and_reap(child);
+            return Err(StartError::Failed(format!(
+                "port {port} not accepting after {timeout:?}\n{}",
+                log()
+            )));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs a command with a deadline; kills it when the deadline passes (then `status` is a
 /// signal death, which callers report as a hang).
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
@@ -261,32 +295,19 @@ impl Gateway {
             .spawn()
             .expect("spawning the edgegate binary");
         self.child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let child = self.child.as_mut().expect("just spawned");
-            if let Some(status) = child.try_wait().expect("polling the gateway") {
-                self.child = None;
-                let log = format!("exited early with {status}\n{}", self.log());
-                return Err(if status.code() == Some(70) && log.contains("in use") {
-                    StartError::PortClash(log)
-                } else {
-                    StartError::Failed(log)
-                });
-            }
-            if port_accepts(self.port) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                kill_and_reap(child);
-                self.child = None;
-                return Err(StartError::Failed(format!(
-                    "port {} not accepting after {READY_TIMEOUT:?}\n{}",
-                    self.port,
-                    self.log()
-                )));
-            }
-            thread::sleep(Duration::from_millis(25));
+        let mut child = self.child.take().expect("just spawned");
+        let result = wait_accepting(
+            &mut child,
+            self.port,
+            READY_TIMEOUT,
+            // A taken port: edgegate exits 70 naming the address ("Address in use").
+            |status, log| status.code() == Some(70) && log.contains("in use"),
+            || self.log(),
+        );
+        if result.is_ok() {
+            self.child = Some(child);
         }
+        result
     }
 
     /// The broker port the harness waited on.
@@ -544,32 +565,18 @@ impl Mosquitto {
             .spawn()
             .expect("spawning mosquitto");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let child = self.child.as_mut().expect("just spawned");
-            if let Some(status) = child.try_wait().expect("polling mosquitto") {
-                self.child = None;
-                let log = format!("mosquitto exited early with {status}\n{}", self.log());
-                return Err(if log.contains("in use") {
-                    StartError::PortClash(log)
-                } else {
-                    StartError::Failed(log)
-                });
-            }
-            if port_accepts(self.port) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                kill_and_reap(child);
-                self.child = None;
-                return Err(StartError::Failed(format!(
-                    "mosquitto not accepting on {}\n{}",
-                    self.port,
-                    self.log()
-                )));
-            }
-            thread::sleep(Duration::from_millis(20));
+        let mut child = self.child.take().expect("just spawned");
+        let result = wait_accepting(
+            &mut child,
+            self.port,
+            Duration::from_secs(10),
+            |_, log| log.contains("in use"),
+            || self.log(),
+        );
+        if result.is_ok() {
+            self.child = Some(child);
         }
+        result
     }
 
     pub fn port(&self) -> u16 {
