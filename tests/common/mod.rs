@@ -41,19 +41,46 @@ const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// still take the port, hence [`retry_on_port_clash`].
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    for _ in 0..100 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 must work");
-        let port = listener
-            .local_addr()
-            .expect("a bound socket has an address")
-            .port();
-        drop(listener);
+    // Ports are taken from below the kernel's ephemeral range: a port from `bind(:0)` can be
+    // handed out again as the source port of any outgoing connection (another test's client,
+    // or our own readiness probe connecting to itself), and the server then fails to bind.
+    let (lo, hi) = ephemeral_range();
+    let (start, end) = if lo > 12_000 {
+        (10_000, lo)
+    } else {
+        (hi.saturating_add(1), 65_535)
+    };
+    let span = u32::from(end - start);
+    let mut seed = u32::from(std::process::id() as u16).wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    for _ in 0..1000 {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let port = start + ((seed >> 8) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
         let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
         if given.get_or_insert_with(HashSet::new).insert(port) {
             return port;
         }
     }
-    panic!("no fresh free port after 100 attempts");
+    panic!("no fresh free port in {start}..{end} after 1000 attempts");
+}
+
+/// The kernel's ephemeral (outgoing source) port range.
+fn ephemeral_range() -> (u16, u16) {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|v| v.parse::<u16>().ok());
+    match (it.next(), it.next()) {
+        (Some(lo), Some(hi)) if lo <= hi => (lo, hi),
+        _ => (32_768, 60_999),
+    }
 }
 
 /// Runs `attempt` up to `tries` times while it fails with [`StartError::PortClash`] (someone took
@@ -76,7 +103,11 @@ pub fn retry_on_port_clash<T>(
 /// Whether something accepts TCP connections on 127.0.0.1:`port`.
 pub fn port_accepts(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        // A TCP self-connect (source port == destination port) "succeeds" with nobody listening.
+        Ok(s) => s.local_addr().map(|a| a.port() != port).unwrap_or(false),
+        Err(_) => false,
+    }
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
