@@ -8,6 +8,7 @@
 //! hand what it holds to the store → stop sending upstream, wait for in-flight PUBACKs → commit
 //! and close the store → exit 0.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,10 +18,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError, ListenerExit};
+use crate::broker::{Broker, BrokerError, ListenerExit, LocalPublisher};
 use crate::config::{ByteSize, Config};
 use crate::forward::{ForwardCounters, Forwarder, LinkState};
 use crate::notify;
+use crate::ops::Telemetry;
 use crate::sources::local::{IntakeCounters, LocalIntake};
 use crate::store::{Store, StoreHandle};
 
@@ -42,11 +44,190 @@ impl From<BrokerError> for AppError {
     }
 }
 
-type StageResult = (&'static str, Result<(), String>);
+/// One running stage: its own task set (so a stage can be stopped and replaced at SIGHUP without
+/// touching the others) and its cancellation token.
+struct Stage {
+    name: &'static str,
+    token: CancellationToken,
+    task: JoinSet<Result<(), String>>,
+}
 
-pub async fn run(cfg: Config) -> Result<(), AppError> {
+impl Stage {
+    fn spawn<F>(
+        name: &'static str,
+        parent: &CancellationToken,
+        f: impl FnOnce(CancellationToken) -> F,
+    ) -> Stage
+    where
+        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let token = parent.child_token();
+        let mut task = JoinSet::new();
+        task.spawn(f(token.clone()));
+        Stage { name, token, task }
+    }
+
+    /// Cancels the stage and waits for it until `deadline`; a straggler is logged by name.
+    async fn stop(mut self, deadline: tokio::time::Instant) {
+        self.token.cancel();
+        match tokio::time::timeout_at(deadline, self.task.join_next()).await {
+            Ok(Some(Ok(Err(e)))) => {
+                tracing::warn!(stage = self.name, error = %e, "stage ended with an error while stopping")
+            }
+            Ok(Some(Err(e))) => {
+                tracing::warn!(stage = self.name, error = %e, "stage task failed while stopping")
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(stage = self.name, "stage did not stop before the deadline");
+                self.task.abort_all();
+            }
+        }
+    }
+}
+
+/// The first of `stages` to end, with its result (pending forever if none runs).
+async fn any_ended(stages: &mut [&mut Option<Stage>]) -> (&'static str, Result<(), String>) {
+    std::future::poll_fn(|cx| {
+        for stage in stages.iter_mut() {
+            if let Some(st) = stage.as_mut() {
+                if let std::task::Poll::Ready(Some(r)) = st.task.poll_join_next(cx) {
+                    let name = st.name;
+                    return std::task::Poll::Ready(match r {
+                        Ok(r) => (name, r),
+                        Err(e) => (name, Err(e.to_string())),
+                    });
+                }
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// What every generation of the reloadable stages shares: built once, kept across SIGHUP.
+struct Shared {
+    root: CancellationToken,
+    store: Option<StoreHandle>,
+    local: LocalPublisher,
+    link_state_tx: Arc<watch::Sender<LinkState>>,
+    link_state: watch::Receiver<LinkState>,
+    intake_counters: Arc<IntakeCounters>,
+    forward_counters: Arc<ForwardCounters>,
+    stats: watch::Receiver<bytes::Bytes>,
+    /// Bumped at each reload: link names must be unique while old and new overlap.
+    generation: u32,
+}
+
+/// The intake: the broker subscription on the forward filters, into the store.
+fn spawn_intake(cfg: &Config, broker: &Broker, sh: &Shared) -> Result<Option<Stage>, AppError> {
+    let (Some(uplink), Some(store)) = (&cfg.uplink, &sh.store) else {
+        return Ok(None);
+    };
+    let (mut link_tx, link_rx) = broker.link(&format!("edgegate-intake-{}", sh.generation))?;
+    let intake = LocalIntake {
+        uplink: Arc::new(uplink.clone()),
+        store: store.clone(),
+        counters: sh.intake_counters.clone(),
+    };
+    intake
+        .subscribe(&mut link_tx)
+        .map_err(|e| AppError::Start(e.to_string()))?;
+    Ok(Some(Stage::spawn(
+        "intake",
+        &sh.root,
+        move |t| async move {
+            intake
+                .run(link_tx, link_rx, t)
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )))
+}
+
+fn spawn_forwarder(cfg: &Config, sh: &Shared) -> Option<Stage> {
+    let (Some(uplink), Some(store)) = (&cfg.uplink, &sh.store) else {
+        return None;
+    };
+    let forwarder = Forwarder {
+        uplink: Arc::new(uplink.clone()),
+        gateway_id: cfg.gateway.id.clone(),
+        status_topic: cfg.status_topic(),
+        store: store.clone(),
+        local: sh.local.clone(),
+        state: sh.link_state_tx.clone(),
+        counters: sh.forward_counters.clone(),
+        drain_timeout: cfg.gateway.shutdown_timeout.get().mul_f64(0.5),
+        stats: sh.stats.clone(),
+    };
+    Some(Stage::spawn("forwarder", &sh.root, move |t| async move {
+        forwarder.run(t).await.map_err(|e| e.to_string())
+    }))
+}
+
+/// GPIO and serial (sources::hardware). Opened here, so a wrong pin or a missing GPIO chip is an
+/// error now (at start: the start fails; at SIGHUP: the reload is refused). Readings are
+/// committed to the store first, then published locally; it stops first at shutdown.
+fn spawn_hardware(cfg: &Config, broker: &Broker, sh: &Shared) -> Result<Option<Stage>, String> {
+    let hw = match crate::sources::hardware::Hardware::open(cfg).map_err(|e| e.to_string())? {
+        Some(hw) => hw,
+        None => return Ok(None),
+    };
+    let (hw_tx, hw_rx) = broker
+        .link(&format!("edgegate-hardware-{}", sh.generation))
+        .map_err(|e| e.to_string())?;
+    let hw_store = sh.store.clone();
+    let hw_uplink = cfg.uplink.clone().map(Arc::new);
+    let hw_link_state = sh.link_state.clone();
+    Ok(Some(Stage::spawn(
+        "hardware",
+        &sh.root,
+        move |t| async move {
+            hw.run(hw_tx, hw_rx, hw_store, hw_uplink, hw_link_state, t)
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )))
+}
+
+/// Sensors the registry should list for `cfg`.
+fn configured_sensors(cfg: &Config) -> Vec<(&'static str, String)> {
+    cfg.gpio
+        .inputs
+        .iter()
+        .map(|i| ("gpio", i.name.clone()))
+        .chain(cfg.serial.ports.iter().map(|p| ("serial", p.name.clone())))
+        .collect()
+}
+
+/// Publishes Home Assistant discovery (retained) for `cfg`, and empty retained payloads for
+/// what `old` announced and `cfg` no longer does, so removed sensors vanish from Home Assistant.
+async fn publish_discovery(cfg: &Config, old: Option<&Config>, local: &LocalPublisher) {
+    let new_msgs = if cfg.homeassistant.enabled {
+        crate::ops::publish::discovery_messages(cfg)
+    } else {
+        Vec::new()
+    };
+    if let Some(old) = old.filter(|o| o.homeassistant.enabled) {
+        for (topic, _) in crate::ops::publish::discovery_messages(old) {
+            if !new_msgs.iter().any(|(t, _)| *t == topic) {
+                local.publish(topic, bytes::Bytes::new(), true).await;
+            }
+        }
+    }
+    let n = new_msgs.len();
+    for (topic, payload) in new_msgs {
+        local.publish(topic, payload, true).await;
+    }
+    if n > 0 {
+        tracing::info!(entities = n, prefix = %cfg.homeassistant.prefix, "Home Assistant discovery published");
+    }
+}
+
+pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
     let started = Instant::now();
     let root = CancellationToken::new();
+    let mut cfg = cfg;
     let gateway_id = cfg.gateway.id.clone();
     let status_topic = cfg.status_topic();
 
@@ -72,82 +253,38 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let broker = Broker::start(&cfg.broker, &mut listeners)?;
     let local = broker.publisher("edgegate-local")?;
 
-    let mut stages: JoinSet<StageResult> = JoinSet::new();
-    let intake_token = root.child_token();
-    let forward_token = root.child_token();
+    // Metrics are bound before READY: a taken port is a start error, like the broker's.
+    let metrics_listener = if cfg.metrics.enabled {
+        Some(
+            crate::ops::serve::bind_metrics(cfg.metrics.listen)
+                .await
+                .map_err(|e| AppError::Start(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+
     let (link_state_tx, link_state) = watch::channel(if cfg.uplink.is_some() {
         LinkState::Connecting
     } else {
         LinkState::Disabled
     });
-    let intake_counters = Arc::new(IntakeCounters::default());
-    let forward_counters = Arc::new(ForwardCounters::default());
+    let (stats_tx, stats_rx) = watch::channel(bytes::Bytes::new());
+    let mut shared = Shared {
+        root: root.clone(),
+        store: store.as_ref().map(|(h, _)| h.clone()),
+        local: local.clone(),
+        link_state_tx: Arc::new(link_state_tx),
+        link_state: link_state.clone(),
+        intake_counters: Arc::new(IntakeCounters::default()),
+        forward_counters: Arc::new(ForwardCounters::default()),
+        stats: stats_rx,
+        generation: 1,
+    };
 
-    if let (Some(uplink), Some((store_handle, _))) = (&cfg.uplink, &store) {
-        let uplink = Arc::new(uplink.clone());
-        let (mut link_tx, link_rx) = broker.link("edgegate-intake")?;
-        let intake = LocalIntake {
-            uplink: uplink.clone(),
-            store: store_handle.clone(),
-            counters: intake_counters.clone(),
-        };
-        intake
-            .subscribe(&mut link_tx)
-            .map_err(|e| AppError::Start(e.to_string()))?;
-        let t = intake_token.clone();
-        stages.spawn(async move {
-            (
-                "intake",
-                intake
-                    .run(link_tx, link_rx, t)
-                    .await
-                    .map_err(|e| e.to_string()),
-            )
-        });
-
-        let forwarder = Forwarder {
-            uplink,
-            gateway_id: gateway_id.clone(),
-            status_topic: status_topic.clone(),
-            store: store_handle.clone(),
-            local: local.clone(),
-            state: link_state_tx,
-            counters: forward_counters.clone(),
-            drain_timeout: cfg.gateway.shutdown_timeout.get().mul_f64(0.5),
-        };
-        let t = forward_token.clone();
-        stages.spawn(async move {
-            (
-                "forwarder",
-                forwarder.run(t).await.map_err(|e| e.to_string()),
-            )
-        });
-    }
-
-    // ─── Hardware stage (GPIO, serial; sources::hardware) ────────────────────────────────
-    // Opened before READY so a wrong pin or a missing GPIO chip fails the start. Readings are
-    // committed to the store first, then published locally; it stops first at shutdown.
-    let hardware_token = root.child_token();
-    let mut hardware_running = false;
-    if let Some(hw) = crate::sources::hardware::Hardware::open(&cfg)
-        .map_err(|e| AppError::Start(e.to_string()))?
-    {
-        let (hw_tx, hw_rx) = broker.link("edgegate-hardware")?;
-        let hw_store = store.as_ref().map(|(h, _)| h.clone());
-        let hw_uplink = cfg.uplink.clone().map(Arc::new);
-        let hw_link_state = link_state.clone();
-        let t = hardware_token.clone();
-        hardware_running = true;
-        stages.spawn(async move {
-            (
-                "hardware",
-                hw.run(hw_tx, hw_rx, hw_store, hw_uplink, hw_link_state, t)
-                    .await
-                    .map_err(|e| e.to_string()),
-            )
-        });
-    }
-    // ─── end of the hardware stage ──────────────────────────────────────────────────────────
+    let mut intake = spawn_intake(&cfg, &broker, &shared)?;
+    let mut forwarder = spawn_forwarder(&cfg, &shared);
+    let mut hardware = spawn_hardware(&cfg, &broker, &shared).map_err(AppError::Start)?;
 
     // Ready only when the listeners really accept connections (rumqttd cannot tell us).
     tokio::select! {
@@ -167,6 +304,55 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             true,
         )
         .await;
+
+    // ─── Operations: status socket, metrics, stats message, discovery (src/ops) ────────────
+    let telemetry = Arc::new(Telemetry::new(
+        gateway_id.clone(),
+        shared.intake_counters.clone(),
+        shared.forward_counters.clone(),
+        link_state.clone(),
+        shared.store.clone(),
+        broker.listeners().iter().map(|l| l.addr.port()).collect(),
+    ));
+    crate::ops::registry::registry().retain_sensors(&configured_sensors(&cfg));
+    for (kind, name) in configured_sensors(&cfg) {
+        crate::ops::registry::registry().sensor_configured(kind, &name);
+    }
+    let ops_token = root.child_token();
+    if let Some(path) = &cfg.status.socket {
+        match crate::ops::serve::bind_status(path) {
+            Ok(l) => {
+                tokio::spawn(crate::ops::serve::serve_status(
+                    l,
+                    path.clone(),
+                    telemetry.clone(),
+                    ops_token.clone(),
+                ));
+            }
+            // Not fatal: the gateway's job is the data; `status` then says it is not running.
+            Err(e) => tracing::warn!(error = %e, "edgegate status will not work"),
+        }
+    }
+    if let Some(l) = metrics_listener {
+        tracing::info!(listen = %cfg.metrics.listen, "metrics at http://{}/metrics", cfg.metrics.listen);
+        tokio::spawn(crate::ops::serve::serve_metrics(
+            l,
+            telemetry.clone(),
+            ops_token.clone(),
+        ));
+    }
+    publish_discovery(&cfg, None, &local).await;
+    let new_stats_timer = |cfg: &Config| {
+        let every = cfg.status.stats_interval.get();
+        (!every.is_zero()).then(|| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        })
+    };
+    let mut stats_timer = new_stats_timer(&cfg);
+    // ─── end of operations ──────────────────────────────────────────────────────────────────
+
     let addrs: Vec<String> = broker
         .listeners()
         .iter()
@@ -184,7 +370,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             tracing::warn!(listeners = %exposed.join(", "), "the broker accepts anonymous clients from the network (no broker.users configured)");
         }
     }
-    let store_handle = store.as_ref().map(|(h, _)| h.clone());
+    let store_handle = shared.store.clone();
     notify::ready(&status_line(&link_state.borrow(), store_handle.as_ref()).await);
 
     // Supervise.
@@ -199,7 +385,34 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
-                tracing::warn!("SIGHUP: configuration reload is not supported yet; restart the service to apply changes");
+                let Some(path) = &config_path else {
+                    tracing::warn!("SIGHUP: no configuration file to re-read");
+                    continue;
+                };
+                notify::reloading();
+                match reload(path, &cfg, &broker, &mut shared, &mut intake, &mut forwarder, &mut hardware).await {
+                    Ok(new_cfg) => {
+                        publish_discovery(&new_cfg, Some(&cfg), &local).await;
+                        let keep = configured_sensors(&new_cfg);
+                        crate::ops::registry::registry().retain_sensors(&keep);
+                        for (kind, name) in keep {
+                            crate::ops::registry::registry().sensor_configured(kind, &name);
+                        }
+                        if new_cfg.status.stats_interval != cfg.status.stats_interval {
+                            stats_timer = new_stats_timer(&new_cfg);
+                        }
+                        cfg = new_cfg;
+                    }
+                    Err(ReloadError::Refused(why)) => {
+                        tracing::error!(config = %path.display(), "SIGHUP: the new configuration is not applied; still running on the old one:\n{why}");
+                    }
+                    Err(ReloadError::Fatal(e)) => {
+                        tracing::error!(error = %e, "SIGHUP: a stage could not be restarted; stopping the gateway");
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                notify::ready(&status_line(&link_state.borrow(), store_handle.as_ref()).await);
             }
             Some(exit) = listeners.join_next() => {
                 let err = match exit {
@@ -210,12 +423,16 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 failure = Some(err.into());
                 break;
             }
-            Some(done) = stages.join_next() => {
-                let (stage, error) = match done {
-                    Ok((stage, Ok(()))) => (stage, "ended unexpectedly".to_string()),
-                    Ok((stage, Err(e))) => (stage, e),
-                    Err(e) => ("task", e.to_string()),
+            (stage, r) = async { any_ended(&mut [&mut hardware, &mut intake, &mut forwarder]).await } => {
+                let error = match r {
+                    Ok(()) => "ended unexpectedly".to_string(),
+                    Err(e) => e,
                 };
+                match stage {
+                    "hardware" => hardware = None,
+                    "intake" => intake = None,
+                    _ => forwarder = None,
+                }
                 tracing::error!(stage, %error, "a stage stopped; stopping the gateway");
                 failure = Some(AppError::StageFailed { stage, error });
                 break;
@@ -225,7 +442,18 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 failure = Some(AppError::Store(e));
                 break;
             }
+            _ = async { match stats_timer.as_mut() { Some(t) => { t.tick().await; } None => std::future::pending().await } } => {
+                match serde_json::to_vec(&telemetry.snapshot().await) {
+                    Ok(json) => {
+                        let json = bytes::Bytes::from(json);
+                        stats_tx.send_replace(json.clone());
+                        local.publish(crate::ops::publish::stats_topic(&cfg), json, false).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot encode the stats message"),
+                }
+            }
             _ = ticker.tick() => {
+                telemetry.sample_rates();
                 let line = status_line(&link_state.borrow().clone(), store_handle.as_ref()).await;
                 notify::status(&line);
                 // The watchdog is fed only while the store answers: a wedged store thread means
@@ -247,14 +475,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     notify::stopping();
     let deadline = tokio::time::Instant::now() + cfg.gateway.shutdown_timeout.get();
     // Hardware first: fail-safe outputs applied, its readings committed before the intake stops.
-    hardware_token.cancel();
-    if hardware_running {
-        wait_stage(&mut stages, "hardware", deadline).await;
+    for stage in [hardware.take(), intake.take(), forwarder.take()]
+        .into_iter()
+        .flatten()
+    {
+        stage.stop(deadline).await;
     }
-    intake_token.cancel();
-    wait_stage(&mut stages, "intake", deadline).await;
-    forward_token.cancel();
-    wait_stage(&mut stages, "forwarder", deadline).await;
+    ops_token.cancel();
     root.cancel();
     local
         .publish(status_topic, bytes::Bytes::from_static(b"offline"), true)
@@ -276,8 +503,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
     listeners.abort_all();
     let counts = (
-        intake_counters.received.load(Ordering::Relaxed),
-        forward_counters.forwarded.load(Ordering::Relaxed),
+        shared.intake_counters.received.load(Ordering::Relaxed),
+        shared.forward_counters.forwarded.load(Ordering::Relaxed),
     );
     tracing::info!(
         received = counts.0,
@@ -291,34 +518,119 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
 }
 
-/// Waits for one named stage within the overall deadline; a straggler is logged by name.
-async fn wait_stage(
-    stages: &mut JoinSet<StageResult>,
-    name: &'static str,
-    deadline: tokio::time::Instant,
-) {
-    loop {
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(remaining, stages.join_next()).await {
-            Ok(Some(Ok((stage, r)))) => {
-                if let Err(e) = r {
-                    tracing::warn!(stage, error = %e, "stage ended with an error during shutdown");
-                }
-                if stage == name {
-                    return;
-                }
-            }
-            Ok(Some(Err(e))) => tracing::warn!(error = %e, "stage task failed during shutdown"),
-            Ok(None) => return,
-            Err(_) => {
-                tracing::warn!(
-                    stage = name,
-                    "stage did not stop before the shutdown deadline"
-                );
-                return;
+enum ReloadError {
+    /// The new file is not applied; the gateway runs on as before.
+    Refused(String),
+    /// A stage was stopped and its replacement could not start.
+    Fatal(AppError),
+}
+
+/// SIGHUP: re-reads the file and applies what can change while running.
+///
+/// - Log level: at once.
+/// - Forward rules and uplink settings: a new intake subscribes before the old one stops (a
+///   message published in between may be stored twice, never zero times); the forwarder is
+///   replaced (what was in flight is sent again: at-least-once). The store and its order are
+///   untouched.
+/// - GPIO and serial: the hardware stage is restarted when its sections change (outputs pass
+///   through their fail-safe state and come back to `initial`).
+/// - Broker listeners, users and the store need a restart: a change there is reported and the
+///   old values are kept.
+async fn reload(
+    path: &Path,
+    old: &Config,
+    broker: &Broker,
+    sh: &mut Shared,
+    intake: &mut Option<Stage>,
+    forwarder: &mut Option<Stage>,
+    hardware: &mut Option<Stage>,
+) -> Result<Config, ReloadError> {
+    let mut new = crate::config::load(path).map_err(|e| ReloadError::Refused(e.to_string()))?;
+    let mut kept = Vec::new();
+    if !same(&new.broker, &old.broker) {
+        kept.push("broker");
+        new.broker = old.broker.clone();
+    }
+    if !same(&new.store, &old.store) {
+        kept.push("store");
+        new.store = old.store.clone();
+    }
+    if new.uplink.is_some() != old.uplink.is_some() {
+        return Err(ReloadError::Refused(
+            "adding or removing the uplink section needs a restart (the store opens only with an uplink)".into(),
+        ));
+    }
+    if new.gateway.id != old.gateway.id || new.status_topic() != old.status_topic() {
+        kept.push("gateway");
+        new.gateway = old.gateway.clone();
+    }
+    if !same(&new.metrics, &old.metrics) || !same(&new.status.socket, &old.status.socket) {
+        kept.push("metrics/status.socket");
+        new.metrics = old.metrics.clone();
+        new.status.socket = old.status.socket.clone();
+    }
+    if !kept.is_empty() {
+        tracing::warn!(sections = %kept.join(", "), "SIGHUP: these settings change only at a restart; keeping the running values");
+    }
+    if new.log.level != old.log.level {
+        match crate::logging::set_level(&new.log.level) {
+            Ok(()) => tracing::info!(level = %new.log.level, "log level changed"),
+            Err(e) => tracing::warn!(error = %e, "log level not changed"),
+        }
+    }
+    let password = |c: &Config| {
+        c.uplink
+            .as_ref()
+            .and_then(|u| u.password.resolved.as_ref().map(|s| s.expose().to_string()))
+    };
+    let uplink_changed = !same(&new.uplink, &old.uplink) || password(&new) != password(old);
+    let hardware_changed =
+        uplink_changed || !same(&new.gpio, &old.gpio) || !same(&new.serial, &old.serial);
+    let deadline = tokio::time::Instant::now() + old.gateway.shutdown_timeout.get();
+    sh.generation += 1;
+    if hardware_changed {
+        if let Some(h) = hardware.take() {
+            h.stop(deadline).await;
+        }
+    }
+    if uplink_changed {
+        let next = spawn_intake(&new, broker, sh).map_err(ReloadError::Fatal)?;
+        if let Some(i) = std::mem::replace(intake, next) {
+            i.stop(deadline).await;
+        }
+        if let Some(f) = forwarder.take() {
+            f.stop(deadline).await;
+        }
+        *forwarder = spawn_forwarder(&new, sh);
+    }
+    if hardware_changed {
+        // The old lines were released above; opening may still fail (a pin that does not exist).
+        match spawn_hardware(&new, broker, sh) {
+            Ok(h) => *hardware = h,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the new hardware configuration cannot be opened; going back to the old one");
+                *hardware = spawn_hardware(old, broker, sh).map_err(|e2| {
+                    ReloadError::Fatal(AppError::Start(format!(
+                        "new hardware: {e}; old hardware again: {e2}"
+                    )))
+                })?;
+                new.gpio = old.gpio.clone();
+                new.serial = old.serial.clone();
             }
         }
     }
+    tracing::info!(
+        uplink_restarted = uplink_changed,
+        hardware_restarted = hardware_changed,
+        "SIGHUP: configuration reloaded"
+    );
+    Ok(new)
+}
+
+/// Config sections compare by their debug form (secrets print redacted: the uplink password is
+/// compared on its own).
+fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") == format!("{b:?}")
 }
 
 /// One line for `systemctl status`: link state and backlog.

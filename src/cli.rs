@@ -1,4 +1,4 @@
-//! Command line: `run`, `check-config`, `buffer stats|export`, `version`.
+//! Command line: `run`, `check-config`, `status`, `buffer stats|export`, `version`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,15 +36,35 @@ pub enum Command {
         file: Option<PathBuf>,
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// For a file written for another machine: skip what needs that machine
+        /// (certificate and password files, environment variables).
+        #[arg(long)]
+        offline: bool,
     },
     /// Inspect the store-and-forward buffer (works while the gateway runs).
     Buffer {
         #[command(subcommand)]
         command: BufferCommand,
     },
+    /// Ask the running gateway: uplink, backlog, rates, drops, devices, sensors, store.
+    Status {
+        /// Machine-readable output (the same JSON as the stats message).
+        #[arg(long)]
+        json: bool,
+        /// The daemon's status socket (default: `status.socket` from --config, else
+        /// /run/edgegate/status.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
 }
+
+/// `edgegate status` exit codes, as LSB init scripts use them: 3 = not running, 4 = unknown.
+pub const EXIT_NOT_RUNNING: u8 = 3;
+pub const EXIT_STATUS_UNKNOWN: u8 = 4;
 
 #[derive(Debug, Subcommand)]
 pub enum BufferCommand {
@@ -71,10 +91,20 @@ fn config_error(e: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG as u8)
 }
 
-pub fn check_config(path: &Path) -> ExitCode {
-    match config::load(path) {
+pub fn check_config(path: &Path, offline: bool) -> ExitCode {
+    let loaded = if offline {
+        config::load_offline(path)
+    } else {
+        config::load(path)
+    };
+    match loaded {
         Ok(_) => {
-            println!("configuration OK: {}", path.display());
+            let note = if offline {
+                " (offline: certificate and password files and environment variables not checked)"
+            } else {
+                ""
+            };
+            println!("configuration OK: {}{note}", path.display());
             ExitCode::SUCCESS
         }
         Err(e) => config_error(&e),
@@ -102,7 +132,7 @@ pub fn run_gateway(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_SOFTWARE);
         }
     };
-    let result = runtime.block_on(crate::app::run(cfg));
+    let result = runtime.block_on(crate::app::run(cfg, Some(path.to_path_buf())));
     // rumqttd's router thread cannot be stopped; do not wait for it.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
@@ -221,16 +251,69 @@ pub fn buffer(cmd: BufferCommand) -> ExitCode {
 pub fn main_with(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config } => run_gateway(&config),
-        Command::CheckConfig { file, config } => {
+        Command::CheckConfig {
+            file,
+            config,
+            offline,
+        } => {
             let path = file
                 .or(config)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-            check_config(&path)
+            check_config(&path, offline)
         }
+        Command::Status {
+            json,
+            socket,
+            config,
+        } => status(json, socket, &config),
         Command::Buffer { command } => buffer(command),
         Command::Version => {
             println!("edgegate {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `edgegate status`: asks the daemon over its socket.
+pub fn status(json: bool, socket: Option<PathBuf>, config_path: &Path) -> ExitCode {
+    let socket = socket.unwrap_or_else(|| {
+        // The config may be unreadable for this user; then the packaged default applies.
+        config::load_offline(config_path)
+            .ok()
+            .and_then(|c| c.status.socket)
+            .unwrap_or_else(|| PathBuf::from("/run/edgegate/status.sock"))
+    });
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgegate: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_SOFTWARE);
+        }
+    };
+    match runtime.block_on(crate::ops::serve::ask(&socket)) {
+        Ok(snap) => {
+            if json {
+                match serde_json::to_string_pretty(&snap) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("edgegate: {e}");
+                        return ExitCode::from(EXIT_SOFTWARE);
+                    }
+                }
+            } else {
+                print!("{}", snap.render_text());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgegate: {e}");
+            ExitCode::from(match e {
+                crate::ops::serve::AskError::NotRunning(_) => EXIT_NOT_RUNNING,
+                _ => EXIT_STATUS_UNKNOWN,
+            })
         }
     }
 }

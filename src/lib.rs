@@ -11,6 +11,7 @@
 //! - [`hw`]: narrow traits over GPIO lines, serial ports and the clock, with real backends (GPIO
 //!   character device, rppal, tokio-serial) and simulated ones.
 //! - [`codec`]: pure parsers for hardware data: serial framing, formats, NMEA, output commands.
+//! - [`ops`]: status socket, Prometheus metrics, the stats message, Home Assistant discovery.
 //! - [`app`]: the supervisor: builds the stages, one cancellation tree, shutdown order, sd_notify.
 //! - [`cli`]: command-line interface; `main.rs` only maps results to exit codes.
 
@@ -23,5 +24,6 @@ pub mod forward;
 pub mod hw;
 pub mod logging;
 pub mod notify;
+pub mod ops;
 pub mod sources;
 pub mod store;

@@ -37,19 +37,43 @@ fn is_routine_rumqttd_noise(meta: &tracing::Metadata<'_>) -> bool {
         })
 }
 
+type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// The running filter, replaceable at SIGHUP.
+static FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
+
+/// `level` as filter directives: rumqttd stays at WARN unless named.
+fn directives(level: &str) -> String {
+    if level.contains("rumqttd") {
+        level.to_string()
+    } else {
+        format!("{level},rumqttd=warn")
+    }
+}
+
+/// Replaces the log filter of the running process (SIGHUP). `RUST_LOG`, when set, still wins.
+pub fn set_level(level: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Err("RUST_LOG is set and overrides log.level".into());
+    }
+    let filter = EnvFilter::try_new(directives(level)).map_err(|e| e.to_string())?;
+    match FILTER.get() {
+        Some(h) => h.reload(filter).map_err(|e| e.to_string()),
+        None => Err("logging is not initialised".into()),
+    }
+}
+
 /// Installs the global subscriber. `level` is a tracing filter such as `info` or
 /// `info,edgegate::forward=debug`; `RUST_LOG` overrides it when set.
 pub fn init(level: &str, format: LogFormat) {
     let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
     // rumqttd logs every connection at INFO; on a gateway with hundreds of devices that drowns
     // everything else. Keep it at WARN unless the level names rumqttd explicitly.
-    let directives = if wanted.contains("rumqttd") {
-        wanted
-    } else {
-        format!("{wanted},rumqttd=warn")
-    };
+    let directives = directives(&wanted);
     let filter =
         EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = FILTER.set(handle);
     let verbose_rumqttd =
         directives.contains("rumqttd=debug") || directives.contains("rumqttd=trace");
     let quiet = FilterFn::new(move |meta| verbose_rumqttd || !is_routine_rumqttd_noise(meta));

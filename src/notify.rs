@@ -25,6 +25,11 @@ pub fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
+/// RELOADING=1 at SIGHUP; `ready` follows when the new configuration is applied (or refused).
+pub fn reloading() {
+    send(&[NotifyState::Reloading, NotifyState::Status("reloading")]);
+}
+
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }

@@ -115,13 +115,37 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Like [`load`] for text already read; `path_for_messages` only names the file in errors.
 pub fn load_str(text: &str, path_for_messages: &Path) -> Result<Config, ConfigError> {
+    load_text(text, path_for_messages, true)
+}
+
+/// Checks a file written for another machine: everything [`load`] checks except what needs that
+/// machine (certificate and password files, environment variables). Secrets stay unresolved.
+pub fn load_offline(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    load_text(&text, path, false)
+}
+
+fn load_text(
+    text: &str,
+    path_for_messages: &Path,
+    this_machine: bool,
+) -> Result<Config, ConfigError> {
     let mut cfg = parse(text, path_for_messages)?;
-    let mut problems = resolve_secrets(&mut cfg);
+    let mut problems = if this_machine {
+        resolve_secrets(&mut cfg)
+    } else {
+        Vec::new()
+    };
     problems.extend(validate(&cfg));
     // A password file that could not be read is already reported by `resolve_secrets`.
-    for p in check_files(&cfg) {
-        if !problems.iter().any(|q| q.field == p.field) {
-            problems.push(p);
+    if this_machine {
+        for p in check_files(&cfg) {
+            if !problems.iter().any(|q| q.field == p.field) {
+                problems.push(p);
+            }
         }
     }
     if problems.is_empty() {

@@ -20,7 +20,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-pub use load::{load, load_str, ConfigError, Problem};
+pub use load::{load, load_offline, load_str, ConfigError, Problem};
 pub use types::*;
 pub use units::{ByteSize, HumanDuration};
 pub use validate::{check_files, validate};

@@ -33,6 +33,7 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
         check_uplink(uplink, &cfg.gateway.id, &mut p);
     }
     check_hardware(cfg, &mut p);
+    check_ops(cfg, &mut p);
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cfg.log.level) {
         p.add(
             "log.level",
@@ -43,6 +44,38 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
         );
     }
     p.0
+}
+
+fn check_ops(cfg: &Config, p: &mut Problems) {
+    let every = cfg.status.stats_interval.get();
+    if !every.is_zero() && every < Duration::from_secs(1) {
+        p.add(
+            "status.stats_interval",
+            format!(
+                "{} is too often; use at least 1s, or 0s to turn the stats message off",
+                cfg.status.stats_interval
+            ),
+        );
+    }
+    if let Some(sock) = &cfg.status.socket {
+        if !sock.is_absolute() {
+            p.add(
+                "status.socket",
+                format!("`{}` must be an absolute path", sock.display()),
+            );
+        }
+    }
+    let prefix = &cfg.homeassistant.prefix;
+    if prefix.is_empty()
+        || prefix.contains(['+', '#'])
+        || prefix.starts_with('/')
+        || prefix.ends_with('/')
+    {
+        p.add(
+            "homeassistant.prefix",
+            format!("`{prefix}` is not a topic prefix: non-empty, no wildcards, no leading or trailing `/`"),
+        );
+    }
 }
 
 /// Files the configuration refers to that cannot be opened: TLS certificates, keys, CA bundles and
@@ -141,6 +174,7 @@ fn check_placeholders(field: &str, template: &str, known: &[&str], p: &mut Probl
 
 fn check_broker(cfg: &Config, p: &mut Problems) {
     let b = &cfg.broker;
+    let metrics = cfg.metrics.enabled.then_some(cfg.metrics.listen);
     let listeners: Vec<(&str, SocketAddr)> = [
         ("broker.listen", b.listen),
         ("broker.listen_v5", b.listen_v5),
@@ -149,11 +183,15 @@ fn check_broker(cfg: &Config, p: &mut Problems) {
             "broker.websocket.listen",
             b.websocket.as_ref().map(|w| w.listen),
         ),
+        ("metrics.listen", metrics),
     ]
     .into_iter()
     .filter_map(|(field, addr)| addr.map(|a| (field, a)))
     .collect();
-    if listeners.is_empty() {
+    if listeners
+        .iter()
+        .all(|(field, _)| *field == "metrics.listen")
+    {
         p.add(
             "broker.listen",
             "no listener: set at least one of broker.listen, broker.listen_v5, broker.tls.listen, broker.websocket.listen",

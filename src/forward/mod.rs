@@ -85,6 +85,17 @@ pub struct ForwardCounters {
     pub refused: std::sync::atomic::AtomicU64,
     pub reconnects: std::sync::atomic::AtomicU64,
     pub downlink: std::sync::atomic::AtomicU64,
+    /// Why the last session ended, kept after a reconnect for `edgegate status`.
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ForwardCounters {
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Acks handed to the store at once, at most `ACK_LINGER` after the first of them.
@@ -97,10 +108,14 @@ pub struct Forwarder {
     pub status_topic: String,
     pub store: StoreHandle,
     pub local: LocalPublisher,
-    pub state: watch::Sender<LinkState>,
+    pub state: Arc<watch::Sender<LinkState>>,
     pub counters: Arc<ForwardCounters>,
     /// How long a graceful stop waits for PUBACKs of what is in flight.
     pub drain_timeout: Duration,
+    /// The latest stats message (empty until the first), sent upstream at QoS 0 to
+    /// `<status_topic>/stats` whenever it changes while the link is up. Not stored: a newer one
+    /// follows, and stale stats must not queue behind data.
+    pub stats: watch::Receiver<Bytes>,
 }
 
 enum SessionEnd {
@@ -174,6 +189,11 @@ impl Forwarder {
                 Err(e @ ForwardError::Store(_)) => return Err(e),
                 Err(e) => {
                     let msg = e.to_string();
+                    *self
+                        .counters
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
                     let since = match &*self.state.borrow() {
                         LinkState::Down { since, .. } => *since,
                         _ => Instant::now(),
@@ -306,6 +326,10 @@ impl Forwarder {
         let mut ack_deadline: Option<tokio::time::Instant> = None;
         let mut topics = TopicMap::default();
         let is_v5 = self.uplink.protocol == crate::config::Protocol::V5;
+        let mut stats = self.stats.clone();
+        stats.mark_unchanged();
+        let mut stats_open = true;
+        let stats_topic = format!("{}/stats", self.status_topic);
 
         // Downlink subscriptions and the retained birth message open the session.
         let filters: Vec<String> = self
@@ -524,6 +548,17 @@ impl Forwarder {
                     caught_up = false;
                 }
                 _ = async { if let Some(w) = rate_wait { tokio::time::sleep(w).await } }, if rate_wait.is_some() && shutting_down.is_none() => {}
+                r = stats.changed(), if stats_open && shutting_down.is_none() => {
+                    if r.is_ok() {
+                        let payload = stats.borrow_and_update().clone();
+                        if !payload.is_empty() {
+                            codec.publish(&stats_topic, 0, false, 0, payload, None, &mut out)?;
+                        }
+                    } else {
+                        // The publisher is gone (shutdown or reload); never wake for it again.
+                        stats_open = false;
+                    }
+                }
             }
         }
     }

@@ -132,10 +132,16 @@ pub async fn run_input(
         }
     };
     let mut deb = Debouncer::new(initial, cfg.debounce.get(), Instant::now());
-    let send = |state: bool, edge: Option<Edge>| Reading {
-        topic: topic.clone(),
-        payload: gpio_state(clock.now_ms(), state, edge.map(Edge::as_str)).into(),
-        retain: false,
+    let pin = cfg.pin.to_string();
+    crate::ops::registry::registry().sensor_configured("gpio", &cfg.name);
+    let send = |state: bool, edge: Option<Edge>| {
+        let now = clock.now_ms();
+        crate::ops::registry::gpio_reading(&cfg.name, &pin, edge.map(Edge::as_str), now);
+        Reading {
+            topic: topic.clone(),
+            payload: gpio_state(now, state, edge.map(Edge::as_str)).into(),
+            retain: false,
+        }
     };
     if out.send(send(initial, None)).await.is_err() {
         return;
@@ -276,6 +282,7 @@ pub async fn run_outputs(
                 let Some(o) = outputs.iter_mut().find(|o| o.cfg.command_topic() == topic) else { continue };
                 match parse_switch(&payload) {
                     Ok(on) => {
+                        crate::ops::registry::gpio_command(&o.cfg.name, "ok");
                         tracing::info!(output = %o.cfg.name, state = u8::from(on), "command");
                         if out.send(o.apply(on, clock.as_ref())).await.is_err() {
                             return;
@@ -283,6 +290,7 @@ pub async fn run_outputs(
                     }
                     Err(e) => {
                         let total = counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                        crate::ops::registry::gpio_command(&o.cfg.name, "rejected");
                         if rejected_log.allow() {
                             let shown: String = String::from_utf8_lossy(&payload).chars().take(40).collect();
                             tracing::warn!(output = %o.cfg.name, %topic, payload = %shown, error = %e, rejected_total = total, "command rejected");

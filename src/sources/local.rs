@@ -30,6 +30,9 @@ pub enum IntakeError {
 #[derive(Debug, Default)]
 pub struct IntakeCounters {
     pub received: AtomicU64,
+    /// Messages from devices handed to the store (hardware readings excluded: stored by their
+    /// own stage).
+    pub taken: AtomicU64,
     pub unmatched: AtomicU64,
     pub bad_topic: AtomicU64,
     pub rearmed: AtomicU64,
@@ -154,6 +157,7 @@ impl LocalIntake {
             self.counters.unmatched.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        self.counters.taken.fetch_add(1, Ordering::Relaxed);
         // The route cache validated the topic as UTF-8.
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
         batch.push(NewMessage {

@@ -61,6 +61,7 @@ struct BadFrames {
 impl BadFrames {
     fn count(&mut self, reason: &'static str, detail: &str, counters: &HardwareCounters) {
         counters.bad_frames.fetch_add(1, Ordering::Relaxed);
+        crate::ops::registry::serial_frame(&self.port, reason, 0);
         let n = self.total.entry(reason).or_insert(0);
         *n += 1;
         self.since_log += 1;
@@ -95,6 +96,7 @@ pub async fn run_port(
     cancel: CancellationToken,
 ) {
     let topic = cfg.topic();
+    crate::ops::registry::registry().sensor_configured("serial", &cfg.name);
     let format = format_of(&cfg);
     let delimiter = delimiter_of(&cfg);
     let delim_bytes: Vec<u8> = match &delimiter {
@@ -133,6 +135,7 @@ pub async fn run_port(
             Err(e) => {
                 if failing_since.is_none() {
                     failing_since = Some(std::time::Instant::now());
+                    crate::ops::registry::serial_port_error(&cfg.name, "open_failed");
                     tracing::warn!(port = %cfg.name, error = %e, "serial port unavailable; retrying with backoff (logged again once it is back)");
                 }
                 tokio::select! {
@@ -172,6 +175,7 @@ pub async fn run_port(
                                     continue;
                                 }
                             };
+                            crate::ops::registry::serial_frame(&cfg.name, "ok", clock.now_ms());
                             let reading = Reading { topic: topic.clone(), payload: payload.into(), retain: false };
                             if out.send(reading).await.is_err() {
                                 return;
@@ -191,6 +195,7 @@ pub async fn run_port(
             }
         };
         failing_since = Some(std::time::Instant::now());
+        crate::ops::registry::serial_port_error(&cfg.name, "port_lost");
         tracing::warn!(port = %cfg.name, path = %what, reason = %lost, "serial port lost; reopening with backoff");
         drop(port);
         tokio::select! {

@@ -480,6 +480,11 @@ pub fn gateway_yaml(
     for line in extra_store.lines().filter(|l| !l.trim().is_empty()) {
         y.push_str(&format!("  {line}\n"));
     }
+    // Never the packaged /run/edgegate/status.sock: tests run side by side.
+    y.push_str(&format!(
+        "status:\n  socket: {}\n",
+        dir.join("status.sock").display()
+    ));
     if let Some(url) = upstream_url {
         y.push_str(&format!(
             "uplink:\n  url: {url}\n  reconnect_min: 100ms\n  reconnect_max: 1s\n  forward:\n    - local: \"sensors/#\"\n  downlink:\n    - remote: \"edgegate/{{gateway_id}}/cmd/#\"\n      local: \"cmd/\"\n"
