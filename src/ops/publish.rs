@@ -166,7 +166,7 @@ mod tests {
         crate::config::load_str(&yaml, std::path::Path::new("t.yaml")).expect("valid config")
     }
 
-    fn find<'a>(msgs: &'a [(String, Bytes)], topic: &str) -> Value {
+    fn find(msgs: &[(String, Bytes)], topic: &str) -> Value {
         let (_, p) = msgs.iter().find(|(t, _)| t == topic).unwrap_or_else(|| {
             panic!(
                 "no {topic} in {:?}",

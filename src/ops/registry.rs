@@ -8,8 +8,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 
-/// A counter's name and its label pairs, in a stable order for output.
-type Key = (&'static str, Vec<(&'static str, String)>);
+/// Label pairs of one counter, in the order given.
+pub type Labels = Vec<(&'static str, String)>;
+/// A counter's name and its labels.
+type Key = (&'static str, Labels);
 
 #[derive(Default)]
 pub struct Registry {
@@ -43,7 +45,7 @@ impl Registry {
     }
 
     /// Every counter: `(name, labels, value)`, sorted by name then labels.
-    pub fn counters(&self) -> Vec<(&'static str, Vec<(&'static str, String)>, u64)> {
+    pub fn counters(&self) -> Vec<(&'static str, Labels, u64)> {
         let map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         map.iter()
             .map(|((name, labels), v)| (*name, labels.clone(), *v))
