@@ -31,7 +31,8 @@ fn device_class(unit: &str) -> Option<&'static str> {
 }
 
 /// Retained discovery messages `(topic, payload)`: each GPIO input as a binary sensor, each
-/// output as a switch, each numeric serial field as a sensor, all under one device (the
+/// output as a switch, each serial field known from the config (`value`; json and csv `fields`)
+/// as a sensor, all under one device (the
 /// gateway) whose availability is the status topic. Raw and NMEA serial ports are not
 /// announced: raw payloads have no field to show, and NMEA positions are not a sensor value.
 pub fn discovery_messages(cfg: &Config) -> Vec<(String, Bytes)> {
@@ -92,8 +93,9 @@ pub fn discovery_messages(cfg: &Config) -> Vec<(String, Bytes)> {
     for p in &cfg.serial.ports {
         let fields: Vec<String> = match p.format {
             SerialFormat::Value => vec!["value".to_string()],
-            SerialFormat::Json | SerialFormat::Kv | SerialFormat::Csv => p.fields.clone(),
-            SerialFormat::Raw | SerialFormat::Nmea => Vec::new(),
+            SerialFormat::Json | SerialFormat::Csv => p.fields.clone(),
+            // kv names its fields only in the data; raw has none; NMEA positions are no sensor.
+            SerialFormat::Kv | SerialFormat::Raw | SerialFormat::Nmea => Vec::new(),
         };
         for f in fields {
             let (name, object) = if p.format == SerialFormat::Value {
@@ -180,7 +182,7 @@ mod tests {
     fn inputs_outputs_and_numeric_serial_fields_are_announced_with_their_topics() {
         let msgs = discovery_messages(&cfg(
             "gpio:\n  backend: sim\n  inputs: [{name: door, pin: 17}]\n  outputs: [{name: relay, pin: 27}]\n\
-             serial:\n  ports:\n    - {name: temp, sim: {lines: [\"1\"]}, format: value, unit: \"°C\"}\n    - {name: env, sim: {lines: [\"a=1\"]}, format: kv, fields: [hum, co2]}\n    - {name: gps, sim: {lines: [\"x\"]}, format: nmea}\n",
+             serial:\n  ports:\n    - {name: temp, sim: {lines: [\"1\"]}, format: value, unit: \"°C\"}\n    - {name: env, sim: {lines: [\"{}\"]}, format: json, fields: [hum, co2]}\n    - {name: gps, sim: {lines: [\"x\"]}, format: nmea}\n",
         ));
         let door = find(&msgs, "homeassistant/binary_sensor/pi_one/door/config");
         assert_eq!(door["state_topic"], "sensors/door");
