@@ -4,7 +4,8 @@
 # a free port nobody listens on), so everything published stays queued in the edge. The Rust load
 # generator publishes N QoS 1 messages of 100 B in chunks of CHUNK (50 000) on one connection;
 # after each chunk (and at 0) the edge is sampled:
-#   x_acked     messages PUBACKed to the publisher so far: the x axis ("queued messages")
+#   x_acked     messages PUBACKed to the publisher so far: the x axis ("queued messages"); empty
+#               in a last row taken after the time limit stopped the publisher mid-chunk
 #   queued      the edge's own count: edgegate `buffer stats` rows; Mosquitto
 #               $SYS/broker/store/messages/count (all stored messages, a few $SYS ones included)
 #   rss_kib, hwm_kib   VmRSS, VmHWM
@@ -22,8 +23,8 @@
 #
 # usage: tests/bench/backlog-growth.sh [N]        (default 1000000)
 # env:   GW_BIN, LG_BIN (default target/release/edgegate, edgegate-loadgen), CHUNK (50000),
-#        MAX_S (600: publishing time per edge; a slower edge stops there, the CSV says how far it
-#        got), PAUSE (1.2), OUT_DIR, SHARED_BENCH (../shared/bench)
+#        MAX_S (600: seconds per edge, pauses included; a slower edge stops there and the CSV
+#        and summary say how far it got), PAUSE (1.2), OUT_DIR, SHARED_BENCH (../shared/bench)
 # needs: python3, mosquitto, mosquitto_sub. Loopback only; every wait bounded; all stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -91,7 +92,7 @@ run_edge() { # label adapter
     local v _
     for _ in 1 2 3 4 5; do
       v=$(queued_once)
-      [ -n "$v" ] && [ "$v" -ge "$1" ] 2>/dev/null && break
+      [ -n "$v" ] && [ "$v" -ge "${1:-0}" ] 2>/dev/null && break
       sleep 0.5
     done
     echo "$v"
@@ -102,7 +103,7 @@ run_edge() { # label adapter
     s=$(python3 "$SAMPLE" "$epid" "$datadir" || true)
     python3 - "$label" "$1" "$q" "$s" "$t0" "$(now)" "$(getconf CLK_TCK)" "$w0" "$c0" >>"$csv" <<'PY'
 import json, sys
-label, x, q, s = sys.argv[1], int(sys.argv[2]), sys.argv[3].strip(), json.loads(sys.argv[4])
+label, x, q, s = sys.argv[1], sys.argv[2], sys.argv[3].strip(), json.loads(sys.argv[4])
 t0, t, hz, w0, c0 = float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8]), int(sys.argv[9])
 if s.get("gone"):
     print(f"{label},{x},{q},{t - t0:.2f},,,,,,gone")
@@ -123,12 +124,22 @@ PY
   chunks=$(((N + CHUNK - 1) / CHUNK))
   for i in $(seq 1 "$chunks"); do
     local left=$((MAX_S - $(python3 -c "print(int($(now) - $t0))")))
-    if [ "$left" -le 0 ]; then complete=false; break; fi
+    if [ "$left" -le 0 ]; then
+      echo "$label: ${MAX_S} s limit reached after $acked of $N" >&2
+      complete=false; break
+    fi
     n=$((N - acked < CHUNK ? N - acked : CHUNK))
     rc=0
     timeout -k 5 "$left" "$LG_BIN" --edge "127.0.0.1:$port" --messages "$n" --size 100 \
       --label "$label/backlog-$i" >"$dir/chunk.json" 2>>"$dir/lg.err" || rc=$?
-    got=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["acked"])' "$dir/chunk.json" 2>/dev/null || echo 0)
+    got=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["acked"])' "$dir/chunk.json" 2>/dev/null || echo "")
+    if [ -z "$got" ]; then
+      # The load generator was stopped at the time limit before it could report: how many of
+      # this chunk were acknowledged is unknown, so this last row has no x (only the edge's count).
+      sample_row ""
+      echo "$label: chunk $i stopped at the ${MAX_S} s limit (loadgen exit $rc); last known x: $acked" >&2
+      complete=false; break
+    fi
     acked=$((acked + got))
     sample_row "$acked"
     if [ "$rc" != 0 ] || [ "$got" -lt "$n" ]; then
@@ -150,8 +161,11 @@ PY
   python3 - "$label" "$N" "$csv" "$complete" "$publish_s" "$shutdown_s" "${after:-0}" <<'PY'
 import csv, json, sys
 label, n, path, complete, publish_s, shutdown_s, after = sys.argv[1:8]
-rows = [r for r in csv.DictReader(open(path)) if r["rss_kib"]]
+every = [r for r in csv.DictReader(open(path)) if r["rss_kib"]]
+rows = [r for r in every if r["x_acked"]]
 first, last = rows[0], rows[-1]
+# A last row without x: the publisher was stopped mid-chunk; show what the edge held then.
+cut = every[-1] if not every[-1]["x_acked"] else None
 x = int(last["x_acked"])
 per = lambda key: round((int(last[key]) - int(first[key])) / x, 1) if x else None
 print(json.dumps({
@@ -167,6 +181,8 @@ print(json.dumps({
     "cpu_s": float(last["cpu_s"]),
     "shutdown_s": float(shutdown_s),
     "disk_mib_after_sigterm": round(int(after) / 2**20, 1),
+    "stopped_mid_chunk": None if cut is None else {
+        "queued": cut["queued"], "rss_mib": round(int(cut["rss_kib"]) / 1024, 1)},
     "csv": path,
 }))
 PY

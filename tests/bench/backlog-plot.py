@@ -40,7 +40,8 @@ def fmt(v):
 
 def load(path):
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("rss_kib")]
+        # A row without x (publisher stopped at the time limit mid-chunk) cannot be placed.
+        rows = [r for r in csv.DictReader(f) if r.get("rss_kib") and r.get("x_acked")]
     if not rows:
         raise SystemExit(f"{path}: no samples")
     return {
