@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark behind docs/benchmarks.md, edgegate and the Mosquitto bridge in one sitting.
 # Raw results go to bench-results/ (JSON lines); the tables are printed at the end.
-# Takes ~30 minutes on 2 cores; run it on a quiet machine (outside load is recorded per run).
+# Takes ~35 minutes on 2 cores; run it on a quiet machine (outside load is recorded per run).
 # usage: tests/bench/run-all.sh      (needs python3, mosquitto; builds the release binaries)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,9 +25,15 @@ tests/bench/loadgen-compare.sh mosquitto "$SHARED/edges/mosquitto.sh" "${LG_REPE
 for _ in 1 2 3; do tests/bench/drain.sh 300000; done >"$OUT/drain.jsonl"
 tests/bench/puback-window.sh 10 0 >"$OUT/window-fullspeed.txt"
 tests/bench/puback-window.sh 10 1000 >"$OUT/window-1000.txt"
+
+# 5. Idle cost (CPU, context switches as a proxy for wake-ups, threads, RSS), 60 s each.
+tests/bench/idle.sh "${IDLE_S:-60}" >"$OUT/idle.txt"
+# 6. RSS and disk as the backlog grows to 1M (CSV per edge and backlog-growth.svg in $OUT).
+OUT_DIR=$OUT tests/bench/backlog-growth.sh "${BACKLOG_N:-1000000}" >"$OUT/backlog-growth.txt"
 date -u +%FT%TZ >"$OUT/done"
 
 python3 tests/bench/report.py "$OUT/edgegate.jsonl" "$OUT/mosquitto.jsonl"
 python3 tests/bench/loadgen-report.py "$OUT/loadgen.jsonl"
 tail -n 1 "$OUT/window-fullspeed.txt" "$OUT/window-1000.txt"
 cat "$OUT/drain.jsonl"
+cat "$OUT/idle.txt" "$OUT/backlog-growth.txt"
