@@ -58,6 +58,17 @@ pub enum Command {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Make the running gateway re-read its configuration (sends SIGHUP; what the systemd
+    /// unit's ExecReload runs). The result is in the gateway's log.
+    Reload {
+        /// The daemon's pid (systemd passes $MAINPID); default: asked over the status socket.
+        #[arg(long)]
+        pid: Option<i32>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -266,6 +277,11 @@ pub fn main_with(cli: Cli) -> ExitCode {
             socket,
             config,
         } => status(json, socket, &config),
+        Command::Reload {
+            pid,
+            socket,
+            config,
+        } => reload(pid, socket, &config),
         Command::Buffer { command } => buffer(command),
         Command::Version => {
             println!("edgegate {}", env!("CARGO_PKG_VERSION"));
@@ -274,15 +290,20 @@ pub fn main_with(cli: Cli) -> ExitCode {
     }
 }
 
-/// `edgegate status`: asks the daemon over its socket.
-pub fn status(json: bool, socket: Option<PathBuf>, config_path: &Path) -> ExitCode {
-    let socket = socket.unwrap_or_else(|| {
+/// The status socket: `--socket`, else the config's `status.socket`, else the packaged default.
+fn status_socket(socket: Option<PathBuf>, config_path: &Path) -> PathBuf {
+    socket.unwrap_or_else(|| {
         // The config may be unreadable for this user; then the packaged default applies.
         config::load_offline(config_path)
             .ok()
             .and_then(|c| c.status.socket)
             .unwrap_or_else(|| PathBuf::from("/run/edgegate/status.sock"))
-    });
+    })
+}
+
+fn ask_daemon(
+    socket: &Path,
+) -> Result<crate::ops::Snapshot, Result<crate::ops::serve::AskError, ExitCode>> {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -290,10 +311,57 @@ pub fn status(json: bool, socket: Option<PathBuf>, config_path: &Path) -> ExitCo
         Ok(r) => r,
         Err(e) => {
             eprintln!("edgegate: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_SOFTWARE);
+            return Err(Err(ExitCode::from(EXIT_SOFTWARE)));
         }
     };
-    match runtime.block_on(crate::ops::serve::ask(&socket)) {
+    runtime.block_on(crate::ops::serve::ask(socket)).map_err(Ok)
+}
+
+fn ask_failed(e: Result<crate::ops::serve::AskError, ExitCode>) -> ExitCode {
+    match e {
+        Ok(e) => {
+            eprintln!("edgegate: {e}");
+            ExitCode::from(match e {
+                crate::ops::serve::AskError::NotRunning(_) => EXIT_NOT_RUNNING,
+                _ => EXIT_STATUS_UNKNOWN,
+            })
+        }
+        Err(code) => code,
+    }
+}
+
+/// `edgegate reload`: SIGHUP to the daemon.
+pub fn reload(pid: Option<i32>, socket: Option<PathBuf>, config_path: &Path) -> ExitCode {
+    let pid = match pid {
+        Some(p) => p,
+        None => match ask_daemon(&status_socket(socket, config_path)) {
+            Ok(snap) => match i32::try_from(snap.pid) {
+                Ok(p) => p,
+                Err(_) => return ExitCode::from(EXIT_SOFTWARE),
+            },
+            Err(e) => return ask_failed(e),
+        },
+    };
+    let Some(target) = rustix::process::Pid::from_raw(pid) else {
+        eprintln!("edgegate: {pid} is not a process id");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    };
+    match rustix::process::kill_process(target, rustix::process::Signal::HUP) {
+        Ok(()) => {
+            println!("reload requested (SIGHUP to {pid}); the result is in the gateway's log");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgegate: cannot signal {pid}: {e}");
+            ExitCode::from(EXIT_NOT_RUNNING)
+        }
+    }
+}
+
+/// `edgegate status`: asks the daemon over its socket.
+pub fn status(json: bool, socket: Option<PathBuf>, config_path: &Path) -> ExitCode {
+    let socket = status_socket(socket, config_path);
+    match ask_daemon(&socket) {
         Ok(snap) => {
             if json {
                 match serde_json::to_string_pretty(&snap) {
@@ -308,12 +376,6 @@ pub fn status(json: bool, socket: Option<PathBuf>, config_path: &Path) -> ExitCo
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("edgegate: {e}");
-            ExitCode::from(match e {
-                crate::ops::serve::AskError::NotRunning(_) => EXIT_NOT_RUNNING,
-                _ => EXIT_STATUS_UNKNOWN,
-            })
-        }
+        Err(e) => ask_failed(e),
     }
 }

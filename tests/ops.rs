@@ -359,7 +359,14 @@ fn sighup_adding_a_serial_sensor_starts_it_and_forwarding_goes_on() {
         pty.port.display()
     ));
     std::fs::write(gw.config_path(), text).expect("writing the config");
-    hup(&gw);
+    // What `systemctl reload` runs, finding the daemon through its status socket.
+    let sock = gw.dir().join("status.sock").display().to_string();
+    let out = run_bin(
+        gw.dir(),
+        &["reload", "--socket", &sock],
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(
         wait_until(Duration::from_secs(10), || gw
             .log()

@@ -35,8 +35,14 @@ pub fn bind_status(path: &Path) -> Result<UnixListener, ServeError> {
         path: path.to_path_buf(),
         source,
     };
-    // A socket file left by a killed daemon refuses connections; ours replaces it. A running
-    // daemon would have held the broker port, so we would not have got this far.
+    // A socket file left by a killed daemon refuses connections; ours replaces it. One that
+    // answers belongs to another running gateway (with other ports), and stays its own.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another running edgegate answers on it; give this one its own status.socket",
+        )));
+    }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -236,6 +242,20 @@ mod tests {
         );
         assert_eq!(request_line(b"GET /metrics\r\n\r\n"), None);
         assert_eq!(request_line(b"\xff\xfe"), None);
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_but_a_live_one_is_left_to_its_owner() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("status.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        let live = bind_status(&path).expect("a stale socket file is replaced");
+        let err = bind_status(&path).expect_err("a live socket is not taken over");
+        assert!(
+            err.to_string().contains("another running edgegate"),
+            "{err}"
+        );
+        drop(live);
     }
 
     #[tokio::test]
