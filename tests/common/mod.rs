@@ -363,6 +363,13 @@ impl Gateway {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the gateway process is still running (not exited, not killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit; panics (after SIGKILL) on a hang.
     pub fn sigterm_and_wait(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("gateway is not running");
@@ -1086,6 +1093,43 @@ pub fn publish_each(
             })
             .await;
         }
+        acked
+    })
+}
+
+/// Publishes `0..n` to `topic` at QoS 1, one message per `every` (the pause yields to the event
+/// loop, unlike a sleep inside [`publish_each`]'s closure), bounded by `every × n + 30 s`;
+/// returns how many were acknowledged.
+pub fn publish_paced(port: u16, topic: &str, n: usize, every: Duration) -> usize {
+    let topic = topic.to_string();
+    runtime().block_on(async move {
+        let mut opts = MqttOptions::new(client_id("paced"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(opts, 10);
+        let sender = tokio::spawn(async move {
+            for i in 0..n {
+                tokio::time::sleep(every).await;
+                if client
+                    .publish(topic.as_str(), QoS::AtLeastOnce, false, i.to_string())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let deadline = tokio::time::Instant::now()
+            + every.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
+            + Duration::from_secs(30);
+        let mut acked = 0usize;
+        while acked < n {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        sender.abort();
         acked
     })
 }
