@@ -465,10 +465,10 @@ fn numbered_report(sub: &Subscriber, topic: &str, n: usize) -> SeqReport {
 /// itself runs into ENOSPC. With the upstream up but rate-limited, 4 KiB messages arrive far
 /// faster than they drain.
 ///
-/// Asserted: the gateway stays up and keeps forwarding while the disk is full; every message is
-/// accounted for — delivered upstream or counted in `dropped.disk_full` (read from the file by
-/// `buffer stats --json`), none both, none neither; after the filler is removed, new messages are
-/// accepted and delivered with no further drops; first arrivals stay in order.
+/// Asserted: the gateway stays up and keeps forwarding while the disk is full; once the store is
+/// empty, distinct messages delivered upstream plus `dropped.disk_full` (read from the file by
+/// `buffer stats --json`) equal the messages sent, exactly; after the filler is removed, new
+/// messages are accepted and delivered with no further drops; first arrivals stay in order.
 #[test]
 fn a_full_store_filesystem_refuses_and_counts_what_does_not_fit_and_recovers_when_space_returns() {
     let tmp = tempfile::tempdir().expect("creating a temp dir");
