@@ -462,3 +462,77 @@ fn a_second_connect_on_one_connection_closes_it() {
     );
     assert_others_still_served(&mut gw, "a second CONNECT");
 }
+
+/// Private keys (the broker's TLS listener key, the uplink's client key) never reach the log at
+/// trace level: no line of either key's PEM body appears in it.
+#[test]
+fn private_keys_never_appear_in_the_log_at_trace_level() {
+    let certdir = tempfile::tempdir().expect("creating a temp dir");
+    let certs = certs::generate(certdir.path());
+    let upstream = Mosquitto::start(MosquittoOpts {
+        tls: Some(MosquittoTls {
+            ca_file: certs.ca_cert.clone(),
+            cert_file: certs.server_cert.clone(),
+            key_file: certs.server_key.clone(),
+            require_certificate: true,
+        }),
+        ..MosquittoOpts::default()
+    });
+    let sub = Subscriber::start(
+        upstream.port(),
+        "sensors/#",
+        &client_id("up"),
+        &ClientOpts {
+            qos: 1,
+            tls: Some((
+                certs.ca_cert.clone(),
+                Some(certs.client_cert.clone()),
+                Some(certs.client_key.clone()),
+            )),
+            ..ClientOpts::default()
+        },
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = retry_on_port_clash(3, || {
+        let yaml = format!(
+            "gateway:\n  id: test\n  shutdown_timeout: 3s\nbroker:\n  listen: 127.0.0.1:{}\n  tls:\n    listen: 127.0.0.1:{}\n    cert_file: {}\n    key_file: {}\n    client_ca_file: {}\nstore:\n  path: {}\nuplink:\n  url: {}\n  tls: {{ca_file: {}, cert_file: {}, key_file: {}}}\n  forward:\n    - local: \"sensors/#\"\nlog:\n  level: \"trace,rumqttd=trace\"\n",
+            free_port(),
+            free_port(),
+            certs.server_cert.display(),
+            certs.server_key.display(),
+            certs.ca_cert.display(),
+            dir.path().join("buffer.db").display(),
+            upstream.url(),
+            certs.ca_cert.display(),
+            certs.client_cert.display(),
+            certs.client_key.display(),
+        );
+        Gateway::try_start_with(dir.path(), &yaml)
+    });
+    assert_eq!(publish_seq(gw.port(), "sensors/keys", 5, 1), 5);
+    assert_eq!(
+        sub.wait_for(5, Duration::from_secs(15)).len(),
+        5,
+        "nothing forwarded over mutual TLS; log:\n{}",
+        gw.log()
+    );
+    let log = gw.log();
+    assert!(
+        log.contains("uplink connected"),
+        "the uplink never connected; log:\n{log}"
+    );
+    for key in [&certs.server_key, &certs.client_key] {
+        let pem = std::fs::read_to_string(key).expect("reading a test key");
+        let body: Vec<&str> = pem
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 32)
+            .collect();
+        assert!(!body.is_empty(), "{} has no PEM body", key.display());
+        let leaked: Vec<&&str> = body.iter().filter(|l| log.contains(**l)).collect();
+        assert!(
+            leaked.is_empty(),
+            "{} leaked into the log: {leaked:?}",
+            key.display()
+        );
+    }
+}
