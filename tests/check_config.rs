@@ -193,3 +193,131 @@ fn offline_checking_skips_missing_certificates_but_not_mistakes() {
         output_text(&broken)
     );
 }
+
+/// One broken config: what check-config must point at.
+struct Mistake {
+    kind: &'static str,
+    yaml: &'static str,
+    /// The line the message must name (`file:line:`), when the mistake has one.
+    line: Option<usize>,
+    /// Words the message must contain (the field path and what is wrong).
+    needles: &'static [&'static str],
+}
+
+const HEAD: &str = "gateway:\n  id: test\nbroker:\n  listen: 127.0.0.1:1883\n";
+
+#[test]
+fn every_kind_of_config_mistake_exits_78_with_a_message_naming_where_and_what() {
+    let mistakes = [
+        Mistake {
+            kind: "bad duration",
+            yaml: "gateway:\n  id: test\n  shutdown_timeout: 10 parsecs\nbroker:\n  listen: 127.0.0.1:1883\n",
+            line: Some(3),
+            needles: &["gateway.shutdown_timeout", "parsecs"],
+        },
+        Mistake {
+            kind: "bad size",
+            yaml: "store:\n  path: /tmp/x.db\n  max_bytes: 12 potatoes\n",
+            line: Some(7),
+            needles: &["store.max_bytes", "potatoes"],
+        },
+        Mistake {
+            kind: "bad enum value",
+            yaml: "store:\n  path: /tmp/x.db\n  when_full: drop_random\n",
+            line: Some(7),
+            needles: &["store.when_full", "drop_random", "drop_oldest"],
+        },
+        Mistake {
+            kind: "duplicate user name",
+            yaml: "  users:\n    - {username: a, password: x}\n    - {username: a, password: y}\n",
+            line: Some(7),
+            needles: &["broker.users[1].username", "twice"],
+        },
+        Mistake {
+            kind: "duplicate key",
+            yaml: "gateway:\n  id: a\n  id: b\n",
+            line: Some(2),
+            needles: &["gateway", "duplicate", "id"],
+        },
+        Mistake {
+            kind: "port clash",
+            yaml: "  listen_v5: 127.0.0.1:1883\n",
+            line: Some(5),
+            needles: &["broker.listen_v5", "clashes", "broker.listen"],
+        },
+        Mistake {
+            kind: "missing certificate file",
+            yaml: "  tls:\n    listen: 127.0.0.1:8883\n    cert_file: /nonexistent/broker.crt\n    key_file: /nonexistent/broker.key\n    client_ca_file: /nonexistent/ca.crt\n",
+            line: Some(7),
+            needles: &["broker.tls.cert_file", "/nonexistent/broker.crt"],
+        },
+        Mistake {
+            kind: "tab indentation",
+            yaml: "gateway:\n\tid: test\nbroker:\n  listen: 127.0.0.1:1883\n",
+            line: Some(2),
+            needles: &["cannot start any token"],
+        },
+        Mistake {
+            kind: "unclosed quote",
+            yaml: "gateway:\n  id: test\nbroker:\n  listen: \"127.0.0.1:1883\n",
+            line: Some(5),
+            needles: &["quoted scalar", "line 4"],
+        },
+        Mistake {
+            kind: "bad address",
+            yaml: "gateway:\n  id: test\nbroker:\n  listen: 127.0.0.1:99999\n",
+            line: Some(4),
+            needles: &["broker.listen", "ip:port"],
+        },
+        Mistake {
+            kind: "number out of range",
+            yaml: "  max_inflight: 70000\n",
+            line: Some(5),
+            needles: &["broker.max_inflight", "70000", "65535"],
+        },
+        Mistake {
+            kind: "unsupported url scheme",
+            yaml: "uplink:\n  url: http://example.com\n  forward:\n    - local: \"a/#\"\n",
+            line: Some(6),
+            needles: &["uplink.url", "http://", "mqtts://"],
+        },
+        Mistake {
+            kind: "empty file",
+            yaml: "",
+            line: None,
+            needles: &["gateway"],
+        },
+    ];
+    let mut failures = Vec::new();
+    for m in &mistakes {
+        // Mistakes that start with a space continue the `broker:` section of HEAD; those that
+        // start with a top-level key follow HEAD; whole files start with `gateway:` or are empty.
+        let yaml = if m.yaml.is_empty() || m.yaml.starts_with("gateway:") {
+            m.yaml.to_string()
+        } else {
+            format!("{HEAD}{}", m.yaml)
+        };
+        let (code, text, path, _dir) = check_yaml(&yaml);
+        let mut wrong = Vec::new();
+        if code != Some(78) {
+            wrong.push(format!("exit {code:?}, not 78"));
+        }
+        let file = path.display().to_string();
+        let at = match m.line {
+            Some(line) => format!("{file}:{line}:"),
+            None => format!("{file}:"),
+        };
+        if !text.contains(&at) {
+            wrong.push(format!("does not name `{at}`"));
+        }
+        for needle in m.needles {
+            if !text.contains(needle) {
+                wrong.push(format!("does not say `{needle}`"));
+            }
+        }
+        if !wrong.is_empty() {
+            failures.push(format!("{}: {}\n{yaml}\n{text}", m.kind, wrong.join(", ")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

@@ -26,6 +26,17 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
+# ── dependency policy (deny.toml): licenses, duplicate versions, crates.io only ────────────────
+# `advisories` is not run here: it clones the RustSec database from GitHub, which CI cannot
+# reach. The known advisories and their justification are in deny.toml and README.md.
+# Installing cargo-deny took 1m54s on the CI machine (2 cores), once.
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "== installing cargo-deny"
+  cargo install --locked cargo-deny
+fi
+echo "== cargo deny check licenses bans sources"
+cargo deny --locked check licenses bans sources
+# ── end of dependency policy ──────────────────────────────────────────────────────────────────────
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -2,64 +2,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
 use common::*;
-
-/// Starts a gateway forwarding `sensors/#` to `upstream_url`, retrying on a port clash.
-fn start_gateway(dir: &Path, upstream_url: &str, extra_store: &str, extra_uplink: &str) -> Gateway {
-    retry_on_port_clash(3, || {
-        let yaml = gateway_yaml(
-            dir,
-            free_port(),
-            Some(upstream_url),
-            extra_store,
-            extra_uplink,
-        );
-        Gateway::try_start_with(dir, &yaml)
-    })
-}
-
-fn persistent_upstream() -> Mosquitto {
-    Mosquitto::start(MosquittoOpts {
-        persistence: true,
-        ..MosquittoOpts::default()
-    })
-}
-
-/// Waits (bounded) until `buffer stats` reports `rows` queued rows; returns the last stats.
-fn wait_rows(gw: &Gateway, rows: u64, timeout: Duration) -> serde_json::Value {
-    let mut last = serde_json::Value::Null;
-    let reached = wait_until(timeout, || {
-        last = gw.buffer_stats();
-        stat(&last, "rows") == rows
-    });
-    assert!(
-        reached,
-        "store never held {rows} rows; last stats:\n{last:#}\nlog:\n{}",
-        gw.log()
-    );
-    last
-}
-
-fn assert_complete_in_order(sub: &Subscriber, topic: &str, n: usize, gw: &Gateway) -> SeqReport {
-    // Duplicates count towards the subscriber's total, so wait on the sequence, not the count.
-    let mut report = check_seq(&[], topic, n);
-    wait_until(Duration::from_secs(40), || {
-        report = check_seq(&sub.messages(), topic, n);
-        report.missing.is_empty()
-    });
-    assert!(
-        report.missing.is_empty(),
-        "lost messages: {}\ngateway log:\n{}",
-        report.summary(),
-        gw.log()
-    );
-    assert_eq!(report.out_of_order, 0, "{}", report.summary());
-    report
-}
 
 #[test]
 fn messages_published_to_the_gateway_arrive_upstream_in_order_at_qos_1() {

@@ -363,6 +363,13 @@ impl Gateway {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the gateway process is still running (not exited, not killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit; panics (after SIGKILL) on a hang.
     pub fn sigterm_and_wait(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("gateway is not running");
@@ -505,6 +512,72 @@ pub fn stat(stats: &serde_json::Value, path: &str) -> u64 {
     }
     v.as_u64()
         .unwrap_or_else(|| panic!("no number at `{path}` in buffer stats:\n{stats:#}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding scenarios (shared by forward.rs and chaos.rs)
+
+/// Starts a gateway forwarding `sensors/#` to `upstream_url`, retrying on a port clash.
+pub fn start_gateway(
+    dir: &Path,
+    upstream_url: &str,
+    extra_store: &str,
+    extra_uplink: &str,
+) -> Gateway {
+    retry_on_port_clash(3, || {
+        let yaml = gateway_yaml(
+            dir,
+            free_port(),
+            Some(upstream_url),
+            extra_store,
+            extra_uplink,
+        );
+        Gateway::try_start_with(dir, &yaml)
+    })
+}
+
+pub fn persistent_upstream() -> Mosquitto {
+    Mosquitto::start(MosquittoOpts {
+        persistence: true,
+        ..MosquittoOpts::default()
+    })
+}
+
+/// Waits (bounded) until `buffer stats` reports `rows` queued rows; returns the last stats.
+pub fn wait_rows(gw: &Gateway, rows: u64, timeout: Duration) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let reached = wait_until(timeout, || {
+        last = gw.buffer_stats();
+        stat(&last, "rows") == rows
+    });
+    assert!(
+        reached,
+        "store never held {rows} rows; last stats:\n{last:#}\nlog:\n{}",
+        gw.log()
+    );
+    last
+}
+
+pub fn assert_complete_in_order(
+    sub: &Subscriber,
+    topic: &str,
+    n: usize,
+    gw: &Gateway,
+) -> SeqReport {
+    // Duplicates count towards the subscriber's total, so wait on the sequence, not the count.
+    let mut report = check_seq(&[], topic, n);
+    wait_until(Duration::from_secs(40), || {
+        report = check_seq(&sub.messages(), topic, n);
+        report.missing.is_empty()
+    });
+    assert!(
+        report.missing.is_empty(),
+        "lost messages: {}\ngateway log:\n{}",
+        report.summary(),
+        gw.log()
+    );
+    assert_eq!(report.out_of_order, 0, "{}", report.summary());
+    report
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1025,6 +1098,43 @@ pub fn publish_each(
             })
             .await;
         }
+        acked
+    })
+}
+
+/// Publishes `0..n` to `topic` at QoS 1, one message per `every` (the pause yields to the event
+/// loop, unlike a sleep inside [`publish_each`]'s closure), bounded by `every × n + 30 s`;
+/// returns how many were acknowledged.
+pub fn publish_paced(port: u16, topic: &str, n: usize, every: Duration) -> usize {
+    let topic = topic.to_string();
+    runtime().block_on(async move {
+        let mut opts = MqttOptions::new(client_id("paced"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(opts, 10);
+        let sender = tokio::spawn(async move {
+            for i in 0..n {
+                tokio::time::sleep(every).await;
+                if client
+                    .publish(topic.as_str(), QoS::AtLeastOnce, false, i.to_string())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let deadline = tokio::time::Instant::now()
+            + every.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
+            + Duration::from_secs(30);
+        let mut acked = 0usize;
+        while acked < n {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        sender.abort();
         acked
     })
 }
