@@ -198,7 +198,12 @@ fn an_output_follows_a_cloud_command_confirms_it_and_goes_fail_safe_on_sigterm()
             serde_json::from_slice(&std::fs::read(&state_file).ok()?).ok()?;
         doc["GPIO27"].as_u64()
     };
-    assert_eq!(level(), Some(0), "initial state off");
+    // The sim backend writes its state file just after the line is set; wait for it.
+    assert!(
+        wait_until(Duration::from_secs(5), || level() == Some(0)),
+        "initial state off: {:?}",
+        level()
+    );
     let local = Subscriber::start(
         gw.port(),
         "sensors/relay1",

@@ -190,7 +190,16 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let location = inner.location();
         let message = bare_message(&inner, &path);
         let field = if path == "." { String::new() } else { path };
-        let (field, message) = explain(field, message);
+        let (field, mut message) = explain(field, message);
+        // YAML forbids tabs in indentation, and the parser's wording does not say so.
+        let line_text = location
+            .as_ref()
+            .and_then(|l| text.lines().nth(l.line().saturating_sub(1)));
+        if line_text.is_some_and(|l| {
+            l.trim_end().starts_with(|c: char| c == ' ' || c == '\t') && l.contains('\t')
+        }) {
+            message.push_str(" (this line has a tab: YAML indentation must use spaces)");
+        }
         parse_error(
             location.as_ref().map(|l| l.line()),
             location.as_ref().map(|l| l.column()),
@@ -292,6 +301,30 @@ fn resolve_secrets(cfg: &mut Config) -> Vec<Problem> {
     problems
 }
 
+/// Longest password file read; a password is short, and `/dev/zero` must not exhaust memory.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// Reads a regular file of at most [`MAX_SECRET_FILE`] bytes (a FIFO or device would block or
+/// never end).
+fn read_small(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(std::io::Error::other(format!(
+            "{} bytes is too long for a password file (at most {MAX_SECRET_FILE})",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_SECRET_FILE)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn resolve(src: &mut SecretSource, prefix: &str, problems: &mut Vec<Problem>) {
     let given: Vec<&str> = [
         ("password", src.password.is_some()),
@@ -320,7 +353,7 @@ fn resolve(src: &mut SecretSource, prefix: &str, problems: &mut Vec<Problem>) {
         Some(p.clone())
     } else if let Some(file) = &src.password_file {
         let field = format!("{prefix}.password_file");
-        match std::fs::read_to_string(file) {
+        match read_small(file) {
             Ok(content) => {
                 let secret = content.trim_end_matches(['\n', '\r']);
                 if secret.is_empty() {
@@ -709,6 +742,31 @@ uplink:
                 case.name
             );
         }
+    }
+
+    #[test]
+    fn a_password_file_that_is_a_device_or_huge_is_refused_without_reading_it_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; 70_000]).expect("write");
+        for (file, why) in [
+            ("/dev/zero", "not a regular file"),
+            (big.to_str().expect("utf-8"), "too long"),
+        ] {
+            let err = load_str(
+                &format!("gateway: {{id: t}}\nbroker: {{listen: 127.0.0.1:1883}}\nuplink:\n  url: mqtt://h\n  username: u\n  password_file: {file}\n"),
+                Path::new("t.yaml"),
+            )
+            .expect_err("refused");
+            assert!(err.to_string().contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_tab_in_the_indentation_is_named_as_the_problem() {
+        let err =
+            load_str("gateway:\n\tid: t\n", Path::new("t.yaml")).expect_err("tabs are invalid");
+        assert!(err.to_string().contains("tab"), "{err}");
     }
 
     #[test]

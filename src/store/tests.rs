@@ -841,6 +841,34 @@ async fn sqlite_full_during_a_commit_rolls_back_counts_disk_full_and_the_store_k
 }
 
 #[tokio::test]
+async fn a_full_disk_refuses_only_the_appends_that_do_not_fit_not_their_whole_commit() {
+    let (_dir, cfg) = temp_config();
+    let probes = Probes {
+        free_disk: None,
+        pragmas: vec![("max_page_count", 40)],
+    };
+    let opened = Store::open_with(&cfg, probes).expect("open");
+    let h = opened.0.clone();
+    // Queued before the first commit, so both land in one group commit.
+    let small = h.append(vec![sized(1, 0, 500)], Durability::Linger);
+    let huge: Vec<NewMessage> = (2..200).map(|n| sized(n, 0, 4000)).collect();
+    let n = huge.len();
+    let huge = h.append(huge, Durability::Linger);
+    let small = small.await.expect("an outcome");
+    let huge = huge.await.expect("an outcome");
+    assert_eq!(
+        (small.accepted, small.dropped),
+        (1, 0),
+        "the small one fits"
+    );
+    assert_eq!((huge.accepted, huge.dropped), (0, n));
+    let stats = h.stats().await.expect("stats");
+    assert_eq!(stats.dropped.disk_full, n as u64);
+    assert_eq!(topics(&all_rows(&h).await), ["t/001"]);
+    close(opened).await;
+}
+
+#[tokio::test]
 async fn corruption_found_at_runtime_stops_the_store_and_wakes_the_supervisor() {
     let (_dir, cfg) = temp_config();
     filled_store(&cfg.path, 300).await;

@@ -409,25 +409,52 @@ impl Worker {
                 Ok(())
             }
             Err(e) if e.sqlite_error_code() == Some(ErrorCode::DiskFull) => {
-                // ENOSPC (or max_page_count): nothing of this transaction happened. The rows
-                // were not accepted; the acks stay queued because deletes are what frees space.
-                let rows: usize = appends.iter().map(|(m, _)| m.len()).sum();
-                self.dropped.add(DropReason::DiskFull, rows as u64);
-                self.unpersisted[DropReason::DiskFull.index()] += rows as u64;
-                self.drop_log.record(DropReason::DiskFull, rows as u64, now);
+                // ENOSPC (or max_page_count): nothing of this transaction happened.
                 self.disk.last_probe = None;
-                for (msgs, reply) in appends {
-                    let _ = reply.send(Ok(AppendOutcome {
-                        accepted: 0,
-                        dropped: msgs.len(),
-                        last_id: None,
-                    }));
+                let mut acks = acks;
+                // Deletes are what frees space: commit the acks on their own first.
+                let mut freed = false;
+                if !acks.is_empty() {
+                    if let Ok(txn) = self.in_transaction(|w| w.write(&[], &acks, false)) {
+                        freed = txn.acked > 0;
+                        self.apply(txn, Vec::new(), now);
+                        acks.clear();
+                    }
+                }
+                // Then each append on its own, so what still fits is kept and only the rest
+                // is refused; after the first one that does not fit, the rest are refused
+                // without trying (the disk is full, not fragmented).
+                let retry = freed || appends.len() > 1;
+                let mut full = !retry;
+                let mut fatal = None;
+                for group in appends {
+                    if full || fatal.is_some() {
+                        self.refuse_disk_full(group, now, fatal.as_ref());
+                        continue;
+                    }
+                    let one = vec![group];
+                    match self.in_transaction(|w| w.write(&one, &[], disk_low)) {
+                        Ok(txn) => self.apply(txn, one, now),
+                        Err(e) => {
+                            if e.sqlite_error_code() == Some(ErrorCode::DiskFull) {
+                                full = true;
+                            } else {
+                                fatal = Some(format!("committing queued messages: {e}"));
+                            }
+                            for g in one {
+                                self.refuse_disk_full(g, now, fatal.as_ref());
+                            }
+                        }
+                    }
                 }
                 if !acks.is_empty() {
                     batch.acks = acks;
                     batch.deadline = Some(now + self.settings.commit_interval);
                 }
-                Ok(())
+                match fatal {
+                    Some(reason) => Err(reason),
+                    None => Ok(()),
+                }
             }
             Err(e) => {
                 let reason = format!("committing queued messages: {e}");
@@ -437,6 +464,29 @@ impl Worker {
                 Err(reason)
             }
         }
+    }
+
+    /// Answers one append that could not be written: counted as `disk_full`, or failed with
+    /// `fatal` when the store is stopping for another error.
+    fn refuse_disk_full(
+        &mut self,
+        (msgs, reply): (Vec<NewMessage>, Reply<AppendOutcome>),
+        now: Instant,
+        fatal: Option<&String>,
+    ) {
+        if let Some(reason) = fatal {
+            let _ = reply.send(Err(StoreError::Failed(reason.clone())));
+            return;
+        }
+        let rows = msgs.len() as u64;
+        self.dropped.add(DropReason::DiskFull, rows);
+        self.unpersisted[DropReason::DiskFull.index()] += rows;
+        self.drop_log.record(DropReason::DiskFull, rows, now);
+        let _ = reply.send(Ok(AppendOutcome {
+            accepted: 0,
+            dropped: msgs.len(),
+            last_id: None,
+        }));
     }
 
     /// Runs `f` inside BEGIN IMMEDIATE … COMMIT, rolling back on any error.
