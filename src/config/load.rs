@@ -195,9 +195,7 @@ fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let line_text = location
             .as_ref()
             .and_then(|l| text.lines().nth(l.line().saturating_sub(1)));
-        if line_text.is_some_and(|l| {
-            l.trim_end().starts_with(|c: char| c == ' ' || c == '\t') && l.contains('\t')
-        }) {
+        if line_text.is_some_and(|l| l.trim_end().starts_with([' ', '\t']) && l.contains('\t')) {
             message.push_str(" (this line has a tab: YAML indentation must use spaces)");
         }
         parse_error(
