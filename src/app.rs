@@ -69,7 +69,21 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     };
 
     let mut listeners: JoinSet<ListenerExit> = JoinSet::new();
-    let broker = Broker::start(&cfg.broker, &mut listeners)?;
+    // ─── MQTT front (src/front/): device messages are stored before rumqttd sees them ───
+    let front_on = cfg.broker.front_enabled();
+    let front_token = root.child_token();
+    let durable = match (&cfg.uplink, &store) {
+        (Some(uplink), Some((handle, _))) => Some(crate::front::Durable {
+            uplink: Arc::new(uplink.clone()),
+            store: handle.clone(),
+        }),
+        _ => None,
+    };
+    let broker = Broker::start(&cfg.broker, &mut listeners, durable, front_token.clone())?;
+    if !front_on {
+        tracing::warn!("the MQTT front is off (broker.front): a device's PUBACK comes from the in-memory broker, before its message is on disk");
+    }
+    // ─── end of the MQTT front ───
     let local = broker.publisher("edgegate-local")?;
 
     let mut stages: JoinSet<StageResult> = JoinSet::new();
@@ -85,25 +99,29 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     if let (Some(uplink), Some((store_handle, _))) = (&cfg.uplink, &store) {
         let uplink = Arc::new(uplink.clone());
-        let (mut link_tx, link_rx) = broker.link("edgegate-intake")?;
-        let intake = LocalIntake {
-            uplink: uplink.clone(),
-            store: store_handle.clone(),
-            counters: intake_counters.clone(),
-        };
-        intake
-            .subscribe(&mut link_tx)
-            .map_err(|e| AppError::Start(e.to_string()))?;
-        let t = intake_token.clone();
-        stages.spawn(async move {
-            (
-                "intake",
-                intake
-                    .run(link_tx, link_rx, t)
-                    .await
-                    .map_err(|e| e.to_string()),
-            )
-        });
+        // With the front on, the front stores device messages and the hardware stage its
+        // readings: a local-link intake would store each of them a second time.
+        if !front_on {
+            let (mut link_tx, link_rx) = broker.link("edgegate-intake")?;
+            let intake = LocalIntake {
+                uplink: uplink.clone(),
+                store: store_handle.clone(),
+                counters: intake_counters.clone(),
+            };
+            intake
+                .subscribe(&mut link_tx)
+                .map_err(|e| AppError::Start(e.to_string()))?;
+            let t = intake_token.clone();
+            stages.spawn(async move {
+                (
+                    "intake",
+                    intake
+                        .run(link_tx, link_rx, t)
+                        .await
+                        .map_err(|e| e.to_string()),
+                )
+            });
+        }
 
         let forwarder = Forwarder {
             uplink,
@@ -251,8 +269,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     if hardware_running {
         wait_stage(&mut stages, "hardware", deadline).await;
     }
+    front_token.cancel();
     intake_token.cancel();
-    wait_stage(&mut stages, "intake", deadline).await;
+    if !front_on {
+        wait_stage(&mut stages, "intake", deadline).await;
+    }
     forward_token.cancel();
     wait_stage(&mut stages, "forwarder", deadline).await;
     root.cancel();

@@ -88,6 +88,19 @@ pub struct BrokerConfig {
     /// Segments kept per filter; memory per filter is at most segment_size × segment_count.
     #[serde(default = "default_segment_count")]
     pub segment_count: usize,
+    // ─── MQTT front (src/front/) ───
+    /// The MQTT front on the plain-TCP listeners (a device's PUBACK means "on disk"). Unset: on,
+    /// unless a TLS or WebSocket listener is configured (the front does not serve those yet).
+    #[serde(default)]
+    pub front: Option<bool>,
+}
+
+impl BrokerConfig {
+    /// Whether the MQTT front serves the plain-TCP listeners (see `front`).
+    pub fn front_enabled(&self) -> bool {
+        self.front
+            .unwrap_or(self.tls.is_none() && self.websocket.is_none())
+    }
 }
 
 impl Default for BrokerConfig {
@@ -104,6 +117,7 @@ impl Default for BrokerConfig {
             connect_timeout: default_connect_timeout(),
             segment_size: default_segment_size(),
             segment_count: default_segment_count(),
+            front: None,
         }
     }
 }
@@ -157,6 +171,10 @@ pub struct WebsocketConfig {
 pub struct UserConfig {
     pub username: String,
     pub password: SecretSource,
+    /// Topic filters this user may publish to (enforced by the MQTT front); `None`: any topic.
+    pub publish: Option<Vec<String>>,
+    /// Topic filters this user may subscribe within (MQTT front); `None`: any filter.
+    pub subscribe: Option<Vec<String>>,
 }
 
 /// Where a secret comes from: inline, a file (whole content, trailing newline trimmed) or an
@@ -678,6 +696,10 @@ struct UserConfigFile {
     password_file: Option<PathBuf>,
     #[serde(default)]
     password_env: Option<String>,
+    #[serde(default)]
+    publish: Option<Vec<String>>,
+    #[serde(default)]
+    subscribe: Option<Vec<String>>,
 }
 
 impl From<UserConfigFile> for UserConfig {
@@ -690,6 +712,8 @@ impl From<UserConfigFile> for UserConfig {
                 password_env: f.password_env,
                 resolved: None,
             },
+            publish: f.publish,
+            subscribe: f.subscribe,
         }
     }
 }

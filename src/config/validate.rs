@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::load::Problem;
 use super::topic;
-use super::types::{Config, GpioBackendKind, SerialFormat, UplinkConfig};
+use super::types::{BrokerConfig, Config, GpioBackendKind, SerialFormat, UplinkConfig};
 
 /// Smallest rumqttd log segment we accept: smaller ones make the router rotate constantly.
 const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
@@ -224,6 +224,40 @@ fn check_broker(cfg: &Config, p: &mut Problems) {
     }
     if b.connect_timeout.get().is_zero() {
         p.add("broker.connect_timeout", "must be more than 0");
+    }
+    check_front(b, p);
+}
+
+// ─── MQTT front (src/front/) ───
+fn check_front(b: &BrokerConfig, p: &mut Problems) {
+    if b.front == Some(true) {
+        if b.tls.is_some() {
+            p.add("broker.front", "the MQTT front does not serve TLS yet: with broker.tls set, use `front: false` (or leave it unset)");
+        }
+        if b.websocket.is_some() {
+            p.add("broker.front", "the MQTT front does not serve WebSocket yet: with broker.websocket set, use `front: false` (or leave it unset)");
+        }
+        if b.listen.is_none() && b.listen_v5.is_none() {
+            p.add(
+                "broker.front",
+                "the MQTT front serves broker.listen and broker.listen_v5; neither is set",
+            );
+        }
+    }
+    for (i, user) in b.users.iter().enumerate() {
+        for (key, list) in [("publish", &user.publish), ("subscribe", &user.subscribe)] {
+            for (j, f) in list.iter().flatten().enumerate() {
+                if let Err(e) = topic::valid_filter(f) {
+                    p.add(format!("broker.users[{i}].{key}[{j}]"), e);
+                }
+            }
+            if list.is_some() && !b.front_enabled() {
+                p.add(
+                    format!("broker.users[{i}].{key}"),
+                    "topic ACLs are enforced by the MQTT front, which is off (broker.front)",
+                );
+            }
+        }
     }
 }
 
