@@ -80,6 +80,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         _ => None,
     };
     let broker = Broker::start(&cfg.broker, &mut listeners, durable, front_token.clone())?;
+    crate::sources::hardware::set_intake_stores_local(!front_on);
     if !front_on {
         tracing::warn!("the MQTT front is off (broker.front): a device's PUBACK comes from the in-memory broker, before its message is on disk");
     }

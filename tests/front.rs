@@ -833,3 +833,70 @@ fn front_is_still_the_default_path_for_plain_tcp_listeners() {
         gw.log()
     );
 }
+
+// ─── TLS at the front ───────────────────────────────────────────────────────────────────────
+
+#[test]
+fn the_front_serves_tls_with_client_certificates_by_ip_address_and_stores_before_the_puback() {
+    let certdir = tempfile::tempdir().expect("creating a temp dir");
+    let certs = certs::generate(certdir.path());
+    let mut upstream = Mosquitto::start(MosquittoOpts::default());
+    let url = upstream.url();
+    upstream.stop();
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let tls_port = free_port();
+    let gw = start_gateway(
+        dir.path(),
+        Some(&url),
+        &format!(
+            "tls: {{listen: 127.0.0.1:{tls_port}, cert_file: {}, key_file: {}, client_ca_file: {}}}",
+            certs.server_cert.display(),
+            certs.server_key.display(),
+            certs.ca_cert.display()
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || port_accepts(tls_port)),
+        "TLS port not open; log:\n{}",
+        gw.log()
+    );
+    // By IP address: OpenSSL clients send the IP literal as SNI (rumqttd's TLS refused that).
+    let with_cert = ClientOpts {
+        qos: 1,
+        tls: Some((
+            certs.ca_cert.clone(),
+            Some(certs.client_cert.clone()),
+            Some(certs.client_key.clone()),
+        )),
+        ..ClientOpts::default()
+    };
+    let sub = Subscriber::start(tls_port, "sensors/#", &client_id("tlssub"), &with_cert);
+    let out = publish_with(tls_port, "sensors/tls", "sealed", false, &with_cert);
+    assert!(
+        out.status.success(),
+        "{}\nlog:\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    // mosquitto_pub exits after its PUBACK: the row is committed by then.
+    let rows = gw.buffer_export();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["topic"], "sensors/tls");
+    assert_eq!(
+        sub.wait_for(1, Duration::from_secs(10)),
+        vec![("sensors/tls".to_string(), "sealed".to_string())]
+    );
+
+    let no_cert = ClientOpts {
+        qos: 1,
+        tls: Some((certs.ca_cert.clone(), None, None)),
+        ..ClientOpts::default()
+    };
+    let out = publish_with(tls_port, "sensors/tls", "unsigned", false, &no_cert);
+    assert!(
+        !out.status.success(),
+        "client without certificate accepted:\n{}",
+        output_text(&out)
+    );
+    assert_eq!(gw.buffer_export().len(), 1);
+}

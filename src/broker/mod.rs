@@ -45,6 +45,8 @@ pub enum BrokerError {
         what: &'static str,
         waited: Duration,
     },
+    #[error("broker.tls: {0}")]
+    Tls(String),
     #[error("the embedded broker refused an internal link `{name}`: {reason}")]
     Link { name: String, reason: String },
 }
@@ -301,8 +303,19 @@ fn start_front(
         v5: free_loopback_port("internal MQTT 5")?,
     };
     let front = Front::new(cfg, internal, durable);
+    let acceptor = match &cfg.tls {
+        Some(t) => Some((
+            t.listen,
+            crate::front::tls::acceptor(t).map_err(BrokerError::Tls)?,
+        )),
+        None => None,
+    };
     for (spec, sock) in listeners.iter().zip(bound) {
         let (addr, what) = (spec.addr, spec.what);
+        let tls = acceptor
+            .as_ref()
+            .filter(|(a, _)| *a == addr)
+            .map(|(_, acc)| acc.clone());
         let listener = sock
             .set_nonblocking(true)
             .and_then(|()| tokio::net::TcpListener::from_std(sock))
@@ -310,7 +323,7 @@ fn start_front(
         let front = front.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move {
-            let r = front.run(listener, cancel).await;
+            let r = front.run(listener, tls, cancel).await;
             ListenerExit::from_result(addr, what, r.map_err(|e| e.to_string()))
         });
     }

@@ -89,17 +89,16 @@ pub struct BrokerConfig {
     #[serde(default = "default_segment_count")]
     pub segment_count: usize,
     // ─── MQTT front (src/front/) ───
-    /// The MQTT front on the plain-TCP listeners (a device's PUBACK means "on disk"). Unset: on,
-    /// unless a TLS or WebSocket listener is configured (the front does not serve those yet).
+    /// The MQTT front on the TCP and TLS listeners (a device's PUBACK means "on disk"). Unset:
+    /// on, unless a WebSocket listener is configured (the front does not serve WebSocket yet).
     #[serde(default)]
     pub front: Option<bool>,
 }
 
 impl BrokerConfig {
-    /// Whether the MQTT front serves the plain-TCP listeners (see `front`).
+    /// Whether the MQTT front serves the TCP and TLS listeners (see `front`).
     pub fn front_enabled(&self) -> bool {
-        self.front
-            .unwrap_or(self.tls.is_none() && self.websocket.is_none())
+        self.front.unwrap_or(self.websocket.is_none())
     }
 }
 

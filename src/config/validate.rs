@@ -231,9 +231,6 @@ fn check_broker(cfg: &Config, p: &mut Problems) {
 // ─── MQTT front (src/front/) ───
 fn check_front(b: &BrokerConfig, p: &mut Problems) {
     if b.front == Some(true) {
-        if b.tls.is_some() {
-            p.add("broker.front", "the MQTT front does not serve TLS yet: with broker.tls set, use `front: false` (or leave it unset)");
-        }
         if b.websocket.is_some() {
             p.add("broker.front", "the MQTT front does not serve WebSocket yet: with broker.websocket set, use `front: false` (or leave it unset)");
         }

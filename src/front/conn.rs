@@ -13,7 +13,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -68,13 +68,17 @@ enum Ended {
     Shutdown,
 }
 
-pub(super) async fn serve(
+pub(super) async fn serve<R, W>(
     shared: &Shared,
-    socket: TcpStream,
+    dev_rd: R,
+    dev_wr: W,
     peer: SocketAddr,
     cancel: CancellationToken,
-) {
-    match run(shared, socket, peer, cancel).await {
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match run(shared, dev_rd, dev_wr, peer, cancel).await {
         Ok(()) => {}
         Err(Close::Malformed(m)) => {
             shared.counters.count_malformed(m);
@@ -124,13 +128,17 @@ struct StoredWill {
     rule: RuleSettings,
 }
 
-async fn run(
+async fn run<R, W>(
     shared: &Shared,
-    socket: TcpStream,
+    mut dev_rd: R,
+    mut dev_wr: W,
     peer: SocketAddr,
     cancel: CancellationToken,
-) -> Result<(), Close> {
-    let (mut dev_rd, mut dev_wr) = socket.into_split();
+) -> Result<(), Close>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut rbuf = BytesMut::with_capacity(4096);
     let first = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
@@ -320,7 +328,7 @@ async fn device_to_broker<R, W>(
 ) -> Result<Ended, Close>
 where
     R: AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let mut st = DeviceState {
         shared,

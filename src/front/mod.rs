@@ -29,6 +29,7 @@
 mod conn;
 pub mod packet;
 pub mod props;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -119,10 +120,11 @@ pub enum Refusal {
     UnsupportedProtocol,
     BrokerUnavailable,
     StoreFailed,
+    TlsHandshake,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 8] = [
         Refusal::ConnectionLimit,
         Refusal::ConnectTimeout,
         Refusal::BadCredentials,
@@ -130,6 +132,7 @@ impl Refusal {
         Refusal::UnsupportedProtocol,
         Refusal::BrokerUnavailable,
         Refusal::StoreFailed,
+        Refusal::TlsHandshake,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,6 +144,7 @@ impl Refusal {
             Refusal::UnsupportedProtocol => "unsupported_protocol",
             Refusal::BrokerUnavailable => "broker_unavailable",
             Refusal::StoreFailed => "store_failed",
+            Refusal::TlsHandshake => "tls_handshake",
         }
     }
 
@@ -252,6 +256,7 @@ impl Front {
     pub async fn run(
         self,
         listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
         cancel: CancellationToken,
     ) -> Result<(), FrontError> {
         let addr = listener.local_addr().map_err(|source| FrontError::Accept {
@@ -300,9 +305,30 @@ impl Front {
                 continue;
             }
             let cancel = cancel.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let _ = socket.set_nodelay(true);
-                conn::serve(&shared, socket, peer, cancel).await;
+                match tls {
+                    None => {
+                        let (rd, wr) = socket.into_split();
+                        conn::serve(&shared, rd, wr, peer, cancel).await;
+                    }
+                    Some(acceptor) => {
+                        match tokio::time::timeout(shared.connect_timeout, acceptor.accept(socket))
+                            .await
+                        {
+                            Ok(Ok(stream)) => {
+                                let (rd, wr) = tokio::io::split(stream);
+                                conn::serve(&shared, rd, wr, peer, cancel).await;
+                            }
+                            Ok(Err(e)) => {
+                                shared.counters.count_refused(Refusal::TlsHandshake);
+                                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => shared.counters.count_refused(Refusal::ConnectTimeout),
+                        }
+                    }
+                }
                 shared.counters.open.fetch_sub(1, Ordering::AcqRel);
             });
         }
