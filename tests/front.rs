@@ -900,3 +900,36 @@ fn the_front_serves_tls_with_client_certificates_by_ip_address_and_stores_before
     );
     assert_eq!(gw.buffer_export().len(), 1);
 }
+
+// ─── interoperability: paho-mqtt (PyPI) ─────────────────────────────────────────────────────
+
+/// paho-mqtt through the front: keep-alive 0 (3.1.1 and 5), a persistent session, a will, a
+/// retained message, overlapping subscriptions, QoS downgrade, an MQTT 5 user property.
+/// tests/ci.sh installs paho-mqtt with pip when it is missing.
+#[test]
+fn paho_mqtt_clients_work_through_the_front() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/paho_front.py");
+    let probe = run_with_timeout(
+        std::process::Command::new("python3").args(["-c", "import paho.mqtt"]),
+        Duration::from_secs(20),
+    );
+    assert!(
+        probe.status.success(),
+        "paho-mqtt is not installed (tests/ci.sh installs it: python3 -m pip install paho-mqtt):\n{}",
+        output_text(&probe)
+    );
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), None, "");
+    let out = run_with_timeout(
+        std::process::Command::new("python3")
+            .arg(&script)
+            .arg(gw.port().to_string()),
+        Duration::from_secs(90),
+    );
+    let text = output_text(&out);
+    assert!(
+        out.status.success() && text.matches("PASS").count() == 8,
+        "paho checks failed:\n{text}\ngateway log:\n{}",
+        gw.log()
+    );
+}
