@@ -307,6 +307,8 @@ struct TopicInfo {
 /// What one device packet becomes.
 enum Action {
     Forward(Entry),
+    /// A QoS 1/2 PUBLISH whose row was queued in `DeviceState::rows`: held until it commits.
+    Held(Bytes),
     /// DISCONNECT: forward it, then end (`true`: MQTT 5 reason 0x04, publish the will).
     Disconnect(Entry, bool),
 }
@@ -317,6 +319,8 @@ struct DeviceState<'a> {
     acl: &'a Acl,
     topics: HashMap<Bytes, TopicInfo>,
     aliases: HashMap<u16, Bytes>,
+    /// Rows of the packets parsed since the last append.
+    rows: Vec<crate::store::NewMessage>,
 }
 
 async fn device_to_broker<R, W>(
@@ -337,12 +341,16 @@ where
         acl,
         topics: HashMap::new(),
         aliases: HashMap::new(),
+        rows: Vec::new(),
     };
     let mut fifo: VecDeque<Entry> = VecDeque::new();
     let mut out = BytesMut::new();
     // Set once the device sent DISCONNECT or closed: the FIFO is drained, then the loop ends.
     let mut end: Option<Ended> = None;
     loop {
+        // Every packet already read is parsed; the rows among them go to the store as one
+        // append, whose commit the first held PUBLISH carries.
+        let mut first_held: Option<usize> = None;
         while end.is_none() && fifo.len() < MAX_QUEUED {
             let Some(f) = packet::frame(&rbuf, shared.max_remaining)? else {
                 break;
@@ -350,6 +358,15 @@ where
             let pkt = rbuf.split_to(f.len).freeze();
             match st.handle(pkt, &f).await? {
                 Action::Forward(e) => fifo.push_back(e),
+                Action::Held(bytes) => {
+                    // Until the append below, a held entry's commit is unset; the entry is
+                    // released only once that commit resolves, so nothing overtakes it.
+                    first_held.get_or_insert(fifo.len());
+                    fifo.push_back(Entry {
+                        bytes,
+                        commit: None,
+                    });
+                }
                 Action::Disconnect(e, with_will) => {
                     fifo.push_back(e);
                     end = Some(if with_will {
@@ -360,6 +377,7 @@ where
                 }
             }
         }
+        st.append_rows(first_held.and_then(|i| fifo.get_mut(i)));
         // Pass on everything ready at the head, in one write.
         while let Some(head) = fifo.front_mut() {
             if let Some(commit) = head.commit.as_mut() {
@@ -534,29 +552,44 @@ impl DeviceState<'_> {
             pkt.clone()
         };
 
-        let (Some(rule), Some(durable)) = (info.rule, self.shared.durable.as_ref()) else {
+        let (Some(rule), true) = (info.rule, self.shared.durable.is_some()) else {
             return Ok(Action::Forward(Entry {
                 bytes,
                 commit: None,
             }));
         };
-        let row = rule.row(topic_str.to_string(), pkt.slice(p.payload.clone()));
+        self.rows
+            .push(rule.row(topic_str.to_string(), pkt.slice(p.payload.clone())));
         if p.qos == 0 {
             self.shared
                 .counters
                 .stored_qos0
                 .fetch_add(1, Ordering::Relaxed);
-            drop(durable.store.append(vec![row], Durability::Linger));
             return Ok(Action::Forward(Entry {
                 bytes,
                 commit: None,
             }));
         }
         self.shared.counters.held.fetch_add(1, Ordering::Relaxed);
-        Ok(Action::Forward(Entry {
-            bytes,
-            commit: Some(durable.store.append(vec![row], Durability::Now)),
-        }))
+        Ok(Action::Held(bytes))
+    }
+
+    /// Hands the rows of the packets just read to the store as one append (one transaction).
+    /// `first_held` is the FIFO entry of the first held PUBLISH among them: it carries the
+    /// commit, and the held ones after it are released with it, being in the same transaction.
+    fn append_rows(&mut self, first_held: Option<&mut Entry>) {
+        let Some(durable) = self.shared.durable.as_ref() else {
+            return;
+        };
+        if self.rows.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(&mut self.rows);
+        match first_held {
+            Some(entry) => entry.commit = Some(durable.store.append(rows, Durability::Now)),
+            // QoS 0 only: nobody waits, the store may batch them with later rows.
+            None => drop(durable.store.append(rows, Durability::Linger)),
+        }
     }
 
     fn topic_info(&mut self, topic: &Bytes) -> TopicInfo {
