@@ -4,7 +4,8 @@
 # connections (QoS 1, 100-byte payloads, 100 in flight each), upstream a local mosquitto.
 # One JSON line per run (edgegate-loadgen), label = front-on|front-off/<connections>.
 #
-# usage: tests/bench/front-compare.sh [REPEATS] [PROFILE]   (PROFILE: profiling (default) or release)
+# usage: [SYNC=full|normal] tests/bench/front-compare.sh [REPEATS] [PROFILE]
+#   PROFILE: profiling (default) or release; SYNC: store.sync (default full)
 # Loopback only; every process is started here and ended by its PID; every run is bounded.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,7 +23,7 @@ run_one() { # front(true|false) connections messages-per-connection
   cat >"$dir/gw.yaml" <<YAML
 gateway: {id: bench}
 broker: {listen: 127.0.0.1:$port, front: $front, max_connections: 200}
-store: {path: $dir/buffer.db}
+store: {path: $dir/buffer.db, sync: ${SYNC:-full}}
 log: {level: warn}
 uplink:
   url: mqtt://127.0.0.1:$up
