@@ -933,3 +933,73 @@ fn paho_mqtt_clients_work_through_the_front() {
         gw.log()
     );
 }
+
+/// An MQTT 5 CONNECT (clean start, no properties).
+fn connect_v5(client_id: &str) -> Vec<u8> {
+    let mut body = field(b"MQTT");
+    body.extend_from_slice(&[5, 0x02, 0, 30, 0]);
+    body.extend(field(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+/// An MQTT 5 QoS 1 PUBLISH with the given property block (without its length).
+fn publish_v5(topic: &str, props: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = field(topic.as_bytes());
+    body.extend_from_slice(&[0, 1]);
+    length(props.len(), &mut body);
+    body.extend_from_slice(props);
+    body.extend_from_slice(payload);
+    packet(0x32, &body)
+}
+
+#[test]
+fn each_malformed_mqtt5_packet_closes_its_connection_and_valid_aliases_work() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), None, "");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "subscription identifier from a client",
+            publish_v5("a", &[0x0b, 1], b"x"),
+        ),
+        ("topic alias 0", publish_v5("a", &[0x23, 0, 0], b"x")),
+        ("topic alias never set", publish_v5("", &[0x23, 0, 9], b"x")),
+        ("unknown property", publish_v5("a", &[0x7f, 0], b"x")),
+        (
+            "property running past its block",
+            publish_v5("a", &[0x26, 0, 5, b'k'], b"x"),
+        ),
+        (
+            "PUBACK with a broken property block",
+            packet(0x40, &[0, 1, 0, 5, 0x1f]),
+        ),
+    ];
+    for (name, bytes) in cases {
+        let (mut r, ack) = Raw::connect(gw.port(), &connect_v5(&client_id("bad5")));
+        assert_eq!(ack.map(|a| a[0]), Some(0x20), "{name}: no CONNACK");
+        r.send(&bytes);
+        assert!(
+            r.closed_within(Duration::from_secs(3)),
+            "{name}: the connection stayed open"
+        );
+    }
+    // A topic alias set once and then used alone reaches a subscriber under its topic, and its
+    // publish is acknowledged.
+    let sub = Subscriber::start(gw.port(), "alias/#", &client_id("as"), &v5(1));
+    let (mut r, _) = Raw::connect(gw.port(), &connect_v5(&client_id("alias")));
+    r.send(&publish_v5("alias/t", &[0x23, 0, 3], b"one"));
+    assert_eq!(r.read_packet().map(|p| p[0]), Some(0x40));
+    let mut second = publish_v5("", &[0x23, 0, 3], b"two");
+    second[5] = 2; // packet id 2 (after the header and the empty topic)
+    r.send(&second);
+    assert_eq!(r.read_packet().map(|p| p[0]), Some(0x40));
+    let msgs = sub.wait_for(2, Duration::from_secs(5));
+    assert_eq!(
+        msgs,
+        vec![
+            ("alias/t".to_string(), "one".to_string()),
+            ("alias/t".to_string(), "two".to_string())
+        ],
+        "log:\n{}",
+        gw.log()
+    );
+}

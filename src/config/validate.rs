@@ -828,6 +828,46 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
     }
 
+    // ─── MQTT front ───
+    #[test]
+    fn the_front_is_on_by_default_and_off_by_default_with_websocket() {
+        let cfg = parse(BASE);
+        assert!(cfg.broker.front_enabled());
+        let cfg = parse(&format!(
+            "{BASE}broker:\n  websocket: {{listen: 127.0.0.1:8083}}\n"
+        ));
+        assert!(!cfg.broker.front_enabled());
+        assert!(validate(&cfg).is_empty());
+    }
+
+    #[test]
+    fn the_front_cannot_be_forced_on_with_websocket() {
+        let cfg = parse(&format!(
+            "{BASE}broker:\n  front: true\n  websocket: {{listen: 127.0.0.1:8083}}\n"
+        ));
+        assert!(problem(&validate(&cfg), "broker.front")
+            .message
+            .contains("WebSocket"));
+    }
+
+    #[test]
+    fn acl_filters_must_be_valid_and_need_the_front() {
+        let cfg = parse(&format!(
+            "{BASE}broker:\n  users:\n    - {{username: a, password: x, publish: [\"a/#/b\"], subscribe: [\"ok/#\"]}}\n"
+        ));
+        let problems = validate(&cfg);
+        assert!(problem(&problems, "broker.users[0].publish[0]")
+            .message
+            .contains('#'));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let cfg = parse(&format!(
+            "{BASE}broker:\n  front: false\n  users:\n    - {{username: a, password: x, subscribe: [\"ok/#\"]}}\n"
+        ));
+        assert!(problem(&validate(&cfg), "broker.users[0].subscribe")
+            .message
+            .contains("front"));
+    }
+
     #[test]
     fn broker_limits_are_checked() {
         let cfg = parse(&format!(
