@@ -1003,3 +1003,23 @@ fn each_malformed_mqtt5_packet_closes_its_connection_and_valid_aliases_work() {
         gw.log()
     );
 }
+
+#[test]
+fn large_messages_pass_the_front_and_are_stored_whole() {
+    let mut upstream = Mosquitto::start(MosquittoOpts::default());
+    let url = upstream.url();
+    upstream.stop();
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), Some(&url), "");
+    let n = 20;
+    let acked = publish_each(gw.port(), n, 1, |i| {
+        (
+            "sensors/big".to_string(),
+            vec![b'a' + (i % 26) as u8; 200_000],
+        )
+    });
+    assert_eq!(acked, n, "log:\n{}", gw.log());
+    let stats = gw.buffer_stats();
+    assert_eq!(stat(&stats, "rows"), n as u64, "{stats:#}");
+    assert!(stat(&stats, "bytes") >= 200_000 * n as u64, "{stats:#}");
+}

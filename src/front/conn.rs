@@ -25,6 +25,8 @@ use crate::store::{Durability, PendingCommit};
 /// Packets read from the device and not yet written to rumqttd: beyond this the front stops
 /// reading, and TCP pushes back on the device.
 const MAX_QUEUED: usize = 1024;
+/// The same bound in bytes (a few large held messages must not cost megabytes each).
+const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
 /// Distinct topics whose route and ACL verdict a connection remembers.
 const TOPIC_CACHE_MAX: usize = 1024;
 /// rumqttd's topic alias maximum (its CONNACK announces 4096).
@@ -347,27 +349,33 @@ where
     let mut out = BytesMut::new();
     // Set once the device sent DISCONNECT or closed: the FIFO is drained, then the loop ends.
     let mut end: Option<Ended> = None;
+    let mut queued_bytes = 0usize;
     loop {
         // Every packet already read is parsed; the rows among them go to the store as one
         // append, whose commit the first held PUBLISH carries.
         let mut first_held: Option<usize> = None;
-        while end.is_none() && fifo.len() < MAX_QUEUED {
+        while end.is_none() && fifo.len() < MAX_QUEUED && queued_bytes < MAX_QUEUED_BYTES {
             let Some(f) = packet::frame(&rbuf, shared.max_remaining)? else {
                 break;
             };
             let pkt = rbuf.split_to(f.len).freeze();
             match st.handle(pkt, &f).await? {
-                Action::Forward(e) => fifo.push_back(e),
+                Action::Forward(e) => {
+                    queued_bytes += e.bytes.len();
+                    fifo.push_back(e);
+                }
                 Action::Held(bytes) => {
                     // Until the append below, a held entry's commit is unset; the entry is
                     // released only once that commit resolves, so nothing overtakes it.
                     first_held.get_or_insert(fifo.len());
+                    queued_bytes += bytes.len();
                     fifo.push_back(Entry {
                         bytes,
                         commit: None,
                     });
                 }
                 Action::Disconnect(e, with_will) => {
+                    queued_bytes += e.bytes.len();
                     fifo.push_back(e);
                     end = Some(if with_will {
                         Ended::DisconnectWithWill
@@ -387,6 +395,7 @@ where
                 }
             }
             let e = fifo.pop_front().expect("front exists");
+            queued_bytes -= e.bytes.len();
             out.extend_from_slice(&e.bytes);
         }
         if !out.is_empty() {
@@ -403,7 +412,7 @@ where
                 return Ok(e);
             }
         }
-        let can_read = end.is_none() && fifo.len() < MAX_QUEUED;
+        let can_read = end.is_none() && fifo.len() < MAX_QUEUED && queued_bytes < MAX_QUEUED_BYTES;
         tokio::select! {
             r = head_commit(&mut fifo) => committed(r)?,
             n = dev_rd.read_buf(&mut rbuf), if can_read => {
