@@ -1023,3 +1023,27 @@ fn large_messages_pass_the_front_and_are_stored_whole() {
     assert_eq!(stat(&stats, "rows"), n as u64, "{stats:#}");
     assert!(stat(&stats, "bytes") >= 200_000 * n as u64, "{stats:#}");
 }
+
+#[test]
+fn sigterm_with_devices_connected_stops_the_gateway_cleanly_and_keeps_what_was_acknowledged() {
+    let mut upstream = Mosquitto::start(MosquittoOpts::default());
+    let url = upstream.url();
+    upstream.stop();
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let mut gw = start_gateway(dir.path(), Some(&url), "");
+    let (mut dev, ack) = Raw::connect(gw.port(), &connect_v4("stay", 30, None, None));
+    assert_eq!(ack.as_deref(), Some(&CONNACK_OK[..]));
+    dev.send(&publish_v4("sensors/stay", 1, 7, b"kept"));
+    assert_eq!(dev.read_packet().as_deref(), Some(&[0x40, 2, 0, 7][..]));
+    let started = Instant::now();
+    let status = gw.sigterm_and_wait(Duration::from_secs(10));
+    assert!(status.success(), "exit {status:?}; log:\n{}", gw.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
+    let rows = gw.buffer_export();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["payload"], "kept");
+}

@@ -168,7 +168,7 @@ where
     } else {
         let user = c.username.and_then(|u| shared.users.get(u));
         match (user, c.password) {
-            (Some(u), Some(p)) if u.password.as_bytes() == p => u.acl.clone(),
+            (Some(u), Some(p)) if same_secret(u.password.as_bytes(), p) => u.acl.clone(),
             _ => {
                 let _ = dev_wr.write_all(connack(level, 4, 0x86)).await;
                 return Err(Close::Refused(Refusal::BadCredentials));
@@ -244,9 +244,11 @@ where
     let ended = match ended {
         Ok(e) => e,
         Err(Close::Refused(Refusal::NotAuthorized)) if level == 5 => {
-            // Best effort: a v5 device learns why (DISCONNECT 0x87, not authorized).
+            // Best effort: a v5 device learns why (DISCONNECT 0x87, not authorized). rumqttd
+            // publishes the will, as for any connection closed without DISCONNECT.
             drop(b2d);
             let _ = dev_wr.write_all(&[0xe0, 1, 0x87]).await;
+            store_will(shared, will);
             return Err(Close::Refused(Refusal::NotAuthorized));
         }
         Err(e) => {
@@ -265,9 +267,19 @@ where
             let _ = tokio::time::timeout(DISCONNECT_GRACE, &mut b2d).await;
         }
         Ended::DeviceGone | Ended::BrokerGone => store_will(shared, will),
-        Ended::Shutdown => {}
+        Ended::Shutdown => {
+            // The gateway is stopping: both sockets stay open until the process exits, as they
+            // would without the front. Closing the loopback side now would make rumqttd publish
+            // every device's will to local subscribers while the gateway shuts down.
+            std::future::pending::<()>().await;
+        }
     }
     Ok(())
+}
+
+/// Compares a password without an early exit on the first differing byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Length of the fixed header of a whole packet in `buf`.
