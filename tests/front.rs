@@ -1047,3 +1047,53 @@ fn sigterm_with_devices_connected_stops_the_gateway_cleanly_and_keeps_what_was_a
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["payload"], "kept");
 }
+
+#[test]
+fn websocket_clients_go_through_the_front_and_their_messages_are_stored_before_the_puback() {
+    let mut upstream = Mosquitto::start(MosquittoOpts::default());
+    let url = upstream.url();
+    upstream.stop();
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let ws_port = free_port();
+    let gw = start_gateway(
+        dir.path(),
+        Some(&url),
+        &format!("websocket: {{listen: 127.0.0.1:{ws_port}}}"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || port_accepts(ws_port)),
+        "WebSocket port not open; log:\n{}",
+        gw.log()
+    );
+    let sub = Subscriber::start(
+        gw.port(),
+        "sensors/#",
+        &client_id("wsw"),
+        &ClientOpts::qos(1),
+    );
+    // paho-mqtt over WebSocket: publish QoS 1 and wait for the PUBACK, then exit.
+    let script = format!(
+        "import paho.mqtt.client as m\nfrom paho.mqtt.enums import CallbackAPIVersion as V\n\
+         c = m.Client(V.VERSION2, client_id='ws-dev', transport='websockets')\n\
+         c.connect('127.0.0.1', {ws_port}, 30)\nc.loop_start()\n\
+         i = c.publish('sensors/ws', 'over-ws', qos=1)\ni.wait_for_publish(5)\n\
+         assert i.is_published()\nc.disconnect()\nc.loop_stop()\n"
+    );
+    let out = run_with_timeout(
+        std::process::Command::new("python3").args(["-c", &script]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}\nlog:\n{}",
+        output_text(&out),
+        gw.log()
+    );
+    let rows = gw.buffer_export();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["payload"], "over-ws");
+    assert_eq!(
+        sub.wait_for(1, Duration::from_secs(5)),
+        vec![("sensors/ws".to_string(), "over-ws".to_string())]
+    );
+}

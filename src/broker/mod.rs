@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerConfig, Protocol};
-use crate::front::{Durable, Front, FrontCounters, Internal};
+use crate::front::{Durable, Front, FrontCounters, Internal, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -312,10 +312,11 @@ fn start_front(
     };
     for (spec, sock) in listeners.iter().zip(bound) {
         let (addr, what) = (spec.addr, spec.what);
-        let tls = acceptor
-            .as_ref()
-            .filter(|(a, _)| *a == addr)
-            .map(|(_, acc)| acc.clone());
+        let transport = match (&acceptor, &cfg.websocket) {
+            (Some((a, acc)), _) if *a == addr => Transport::Tls(acc.clone()),
+            (_, Some(ws)) if ws.listen == addr => Transport::WebSocket,
+            _ => Transport::Tcp,
+        };
         let listener = sock
             .set_nonblocking(true)
             .and_then(|()| tokio::net::TcpListener::from_std(sock))
@@ -323,7 +324,7 @@ fn start_front(
         let front = front.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move {
-            let r = front.run(listener, tls, cancel).await;
+            let r = front.run(listener, transport, cancel).await;
             ListenerExit::from_result(addr, what, r.map_err(|e| e.to_string()))
         });
     }

@@ -89,16 +89,15 @@ pub struct BrokerConfig {
     #[serde(default = "default_segment_count")]
     pub segment_count: usize,
     // ─── MQTT front (src/front/) ───
-    /// The MQTT front on the TCP and TLS listeners (a device's PUBACK means "on disk"). Unset:
-    /// on, unless a WebSocket listener is configured (the front does not serve WebSocket yet).
-    #[serde(default)]
-    pub front: Option<bool>,
+    /// The MQTT front on every listener (a device's PUBACK means "on disk"). Default: on.
+    #[serde(default = "default_front")]
+    pub front: bool,
 }
 
 impl BrokerConfig {
-    /// Whether the MQTT front serves the TCP and TLS listeners (see `front`).
+    /// Whether the MQTT front serves the listeners (see `front`).
     pub fn front_enabled(&self) -> bool {
-        self.front.unwrap_or(self.websocket.is_none())
+        self.front
     }
 }
 
@@ -116,11 +115,14 @@ impl Default for BrokerConfig {
             connect_timeout: default_connect_timeout(),
             segment_size: default_segment_size(),
             segment_count: default_segment_count(),
-            front: None,
+            front: default_front(),
         }
     }
 }
 
+fn default_front() -> bool {
+    true
+}
 fn default_broker_listen() -> Option<SocketAddr> {
     Some(SocketAddr::from(([0, 0, 0, 0], 1883)))
 }

@@ -230,17 +230,6 @@ fn check_broker(cfg: &Config, p: &mut Problems) {
 
 // ─── MQTT front (src/front/) ───
 fn check_front(b: &BrokerConfig, p: &mut Problems) {
-    if b.front == Some(true) {
-        if b.websocket.is_some() {
-            p.add("broker.front", "the MQTT front does not serve WebSocket yet: with broker.websocket set, use `front: false` (or leave it unset)");
-        }
-        if b.listen.is_none() && b.listen_v5.is_none() {
-            p.add(
-                "broker.front",
-                "the MQTT front serves broker.listen and broker.listen_v5; neither is set",
-            );
-        }
-    }
     for (i, user) in b.users.iter().enumerate() {
         for (key, list) in [("publish", &user.publish), ("subscribe", &user.subscribe)] {
             for (j, f) in list.iter().flatten().enumerate() {
@@ -830,24 +819,10 @@ mod tests {
 
     // ─── MQTT front ───
     #[test]
-    fn the_front_is_on_by_default_and_off_by_default_with_websocket() {
-        let cfg = parse(BASE);
-        assert!(cfg.broker.front_enabled());
-        let cfg = parse(&format!(
-            "{BASE}broker:\n  websocket: {{listen: 127.0.0.1:8083}}\n"
-        ));
+    fn the_front_is_on_by_default() {
+        assert!(parse(BASE).broker.front_enabled());
+        let cfg = parse(&format!("{BASE}broker:\n  front: false\n"));
         assert!(!cfg.broker.front_enabled());
-        assert!(validate(&cfg).is_empty());
-    }
-
-    #[test]
-    fn the_front_cannot_be_forced_on_with_websocket() {
-        let cfg = parse(&format!(
-            "{BASE}broker:\n  front: true\n  websocket: {{listen: 127.0.0.1:8083}}\n"
-        ));
-        assert!(problem(&validate(&cfg), "broker.front")
-            .message
-            .contains("WebSocket"));
     }
 
     #[test]

@@ -10,11 +10,16 @@
 //!   transaction commits; only then are its bytes passed on, so the PUBACK/PUBREC rumqttd sends
 //!   back follows the commit. Later packets of the same connection wait behind it (a FIFO), so
 //!   nothing overtakes a held message. The store commits whatever is queued at once
-//!   ([`Durability::Now`]): concurrent connections share transactions, with no fixed linger.
+//!   (`Durability::Now`): concurrent connections share transactions, with no fixed linger.
 //! - a QoS 0 PUBLISH on a forwarded topic is appended without waiting and passed on at once.
 //! - everything else is passed on as it is, after the checks below.
 //!
 //! Packets from rumqttd to the device are copied byte for byte, undecoded.
+//!
+//! Every listener is the front's: plain TCP (`broker.listen`, `listen_v5`), TLS (`broker.tls`,
+//! rustls, client certificates required, [`tls`]) and WebSocket (`broker.websocket`, subprotocol
+//! `mqtt`). Each accepts MQTT 3.1.1 and 5 and sends the device to rumqttd's internal listener of
+//! its version.
 //!
 //! What the front adds besides durability: strict validation (a malformed packet closes its
 //! connection, counted by reason, see [`packet::Malformed`]), keep-alive 0 (rewritten in place to
@@ -120,7 +125,8 @@ pub enum Refusal {
     UnsupportedProtocol,
     BrokerUnavailable,
     StoreFailed,
-    TlsHandshake,
+    /// TLS or WebSocket handshake failed.
+    Handshake,
 }
 
 impl Refusal {
@@ -132,7 +138,7 @@ impl Refusal {
         Refusal::UnsupportedProtocol,
         Refusal::BrokerUnavailable,
         Refusal::StoreFailed,
-        Refusal::TlsHandshake,
+        Refusal::Handshake,
     ];
 
     pub fn name(self) -> &'static str {
@@ -144,7 +150,7 @@ impl Refusal {
             Refusal::UnsupportedProtocol => "unsupported_protocol",
             Refusal::BrokerUnavailable => "broker_unavailable",
             Refusal::StoreFailed => "store_failed",
-            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::Handshake => "handshake",
         }
     }
 
@@ -256,7 +262,7 @@ impl Front {
     pub async fn run(
         self,
         listener: TcpListener,
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        transport: Transport,
         cancel: CancellationToken,
     ) -> Result<(), FrontError> {
         let addr = listener.local_addr().map_err(|source| FrontError::Accept {
@@ -305,25 +311,40 @@ impl Front {
                 continue;
             }
             let cancel = cancel.clone();
-            let tls = tls.clone();
+            let transport = transport.clone();
             tokio::spawn(async move {
                 let _ = socket.set_nodelay(true);
-                match tls {
-                    None => {
+                let timeout = shared.connect_timeout;
+                match transport {
+                    Transport::Tcp => {
                         let (rd, wr) = socket.into_split();
                         conn::serve(&shared, rd, wr, peer, cancel).await;
                     }
-                    Some(acceptor) => {
-                        match tokio::time::timeout(shared.connect_timeout, acceptor.accept(socket))
-                            .await
-                        {
+                    Transport::Tls(acceptor) => {
+                        match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
                             Ok(Ok(stream)) => {
                                 let (rd, wr) = tokio::io::split(stream);
                                 conn::serve(&shared, rd, wr, peer, cancel).await;
                             }
                             Ok(Err(e)) => {
-                                shared.counters.count_refused(Refusal::TlsHandshake);
+                                shared.counters.count_refused(Refusal::Handshake);
                                 tracing::info!(%peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => shared.counters.count_refused(Refusal::ConnectTimeout),
+                        }
+                    }
+                    Transport::WebSocket => {
+                        let handshake =
+                            async_tungstenite::tokio::accept_hdr_async(socket, MqttSubprotocol);
+                        match tokio::time::timeout(timeout, handshake).await {
+                            Ok(Ok(ws)) => {
+                                let (rd, wr) =
+                                    tokio::io::split(ws_stream_tungstenite::WsStream::new(ws));
+                                conn::serve(&shared, rd, wr, peer, cancel).await;
+                            }
+                            Ok(Err(e)) => {
+                                shared.counters.count_refused(Refusal::Handshake);
+                                tracing::info!(%peer, error = %e, "WebSocket handshake failed");
                             }
                             Err(_) => shared.counters.count_refused(Refusal::ConnectTimeout),
                         }
@@ -332,6 +353,35 @@ impl Front {
                 shared.counters.open.fetch_sub(1, Ordering::AcqRel);
             });
         }
+    }
+}
+
+/// What a front listener speaks below MQTT.
+#[derive(Clone)]
+pub enum Transport {
+    Tcp,
+    Tls(tokio_rustls::TlsAcceptor),
+    /// MQTT over WebSocket (binary frames, subprotocol `mqtt`), as rumqttd served it.
+    WebSocket,
+}
+
+/// Answers the WebSocket handshake with the `mqtt` subprotocol, which MQTT clients ask for.
+struct MqttSubprotocol;
+
+impl async_tungstenite::tungstenite::handshake::server::Callback for MqttSubprotocol {
+    fn on_request(
+        self,
+        _request: &async_tungstenite::tungstenite::handshake::server::Request,
+        mut response: async_tungstenite::tungstenite::handshake::server::Response,
+    ) -> Result<
+        async_tungstenite::tungstenite::handshake::server::Response,
+        async_tungstenite::tungstenite::handshake::server::ErrorResponse,
+    > {
+        response.headers_mut().insert(
+            "sec-websocket-protocol",
+            async_tungstenite::tungstenite::http::HeaderValue::from_static("mqtt"),
+        );
+        Ok(response)
     }
 }
 
