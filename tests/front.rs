@@ -1097,3 +1097,31 @@ fn websocket_clients_go_through_the_front_and_their_messages_are_stored_before_t
         vec![("sensors/ws".to_string(), "over-ws".to_string())]
     );
 }
+
+/// `broker.front: false` keeps the old path: rumqttd's listener and a local-link intake. The
+/// link must be re-armed after rumqttd's `Unschedule`, or rumqttd stops delivering to it after
+/// ~200 messages while devices still get PUBACKs; 5 000 messages would show that as a gap.
+#[test]
+fn without_the_front_the_local_intake_stores_every_message_of_a_long_run() {
+    let mut upstream = Mosquitto::start(MosquittoOpts::default());
+    let url = upstream.url();
+    upstream.stop();
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), Some(&url), "front: false");
+    assert!(
+        gw.log().contains("the MQTT front is off"),
+        "log:\n{}",
+        gw.log()
+    );
+    let n = 5000;
+    assert_eq!(publish_seq(gw.port(), "sensors/intake", n, 1), n);
+    let mut seqs = BTreeSet::new();
+    wait_until(Duration::from_secs(15), || {
+        seqs = stored_seqs(&gw)
+            .remove("sensors/intake")
+            .unwrap_or_default();
+        seqs.len() >= n
+    });
+    assert_eq!(seqs.len(), n, "log:\n{}", gw.log());
+    assert_eq!(gw.buffer_export().len(), n, "a message stored twice");
+}
