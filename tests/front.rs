@@ -517,7 +517,7 @@ fn a_wrong_password_gets_connack_bad_credentials_from_the_front() {
 }
 
 #[test]
-fn topic_acls_allow_the_users_topics_and_disconnect_on_the_others() {
+fn topic_acls_allow_the_users_topics_and_refuse_the_others() {
     let dir = tempfile::tempdir().expect("creating a temp dir");
     let gw = start_gateway(dir.path(), None, USERS);
     let login = Some(("dev1", "pw1"));
@@ -530,19 +530,45 @@ fn topic_acls_allow_the_users_topics_and_disconnect_on_the_others() {
     let suback = ok.read_packet().expect("SUBACK");
     assert_eq!(suback, vec![0x90, 3, 0, 2, 1]);
 
-    // Denied publish and denied subscribe: disconnected (MQTT 3.1.1 has no refusal code).
+    // A denied subscription gets the failure code 0x80 in its SUBACK, in its place among the
+    // allowed ones, and the connection goes on.
+    ok.send(&subscribe_v4(3, "cmd/#", 1));
+    assert_eq!(ok.read_packet(), Some(vec![0x90, 3, 0, 3, 0x80]));
+    let mut body = 4u16.to_be_bytes().to_vec();
+    for (filter, qos) in [("cmd/dev2/x", 1u8), ("cmd/dev1/x", 1), ("other", 0)] {
+        body.extend(field(filter.as_bytes()));
+        body.push(qos);
+    }
+    ok.send(&packet(0x82, &body));
+    assert_eq!(ok.read_packet(), Some(vec![0x90, 5, 0, 4, 0x80, 1, 0x80]));
+
+    // A denied publish disconnects (MQTT 3.1.1 has no refusal code for it).
     let (mut p, _) = Raw::connect(gw.port(), &connect_v4("p", 30, login, None));
     p.send(&publish_v4("sensors/dev2/t", 1, 1, b"1"));
     assert!(p.closed_within(Duration::from_secs(3)), "denied publish");
-    let (mut s, _) = Raw::connect(gw.port(), &connect_v4("s", 30, login, None));
-    s.send(&subscribe_v4(1, "cmd/#", 1));
-    assert!(s.closed_within(Duration::from_secs(3)), "denied subscribe");
     // A will on a topic the user may not publish to: CONNACK not authorized.
     let (_w, ack) = Raw::connect(
         gw.port(),
         &connect_v4("w", 30, login, Some(("sensors/dev2/lwt", "gone"))),
     );
     assert_eq!(ack.as_deref(), Some(&[0x20, 2, 0, 5][..]));
+
+    // MQTT 5: SUBACK reason 0x87 (not authorized) for the denied filter.
+    let mut body = field(b"MQTT");
+    body.extend_from_slice(&[5, 0xc2, 0, 30, 0]);
+    body.extend(field(b"v5acl"));
+    body.extend(field(b"dev1"));
+    body.extend(field(b"pw1"));
+    let (mut v5c, ack) = Raw::connect(gw.port(), &packet(0x10, &body));
+    assert_eq!(ack.map(|a| (a[0], a[3])), Some((0x20, 0)), "CONNACK success");
+    let mut body = 5u16.to_be_bytes().to_vec();
+    body.push(0); // no properties
+    for filter in ["cmd/dev1/a", "cmd/#"] {
+        body.extend(field(filter.as_bytes()));
+        body.push(1);
+    }
+    v5c.send(&packet(0x82, &body));
+    assert_eq!(v5c.read_packet(), Some(vec![0x90, 5, 0, 5, 0, 1, 0x87]));
 
     // A user without ACL lists may do anything; the first connection still works.
     let admin = ClientOpts {

@@ -227,15 +227,28 @@ where
     broker_wr.write_all(&connect_bytes).await?;
     tracing::debug!(%peer, client_id = c.client_id, level, "device connected through the front");
 
+    let fixups = Fixups::default();
+    let (answers, answers_rx) = tokio::sync::mpsc::channel(16);
+    let device = DeviceSide {
+        rd: &mut dev_rd,
+        rbuf,
+        answers,
+    };
     let mut d2b = std::pin::pin!(device_to_broker(
         shared,
         level,
         &acl,
-        &mut dev_rd,
-        rbuf,
+        &fixups,
+        device,
         &mut broker_wr,
     ));
-    let mut b2d = Box::pin(tokio::io::copy(&mut broker_rd, &mut dev_wr));
+    let mut b2d = Box::pin(broker_to_device(
+        &mut broker_rd,
+        &mut dev_wr,
+        level,
+        &fixups,
+        answers_rx,
+    ));
     let ended = tokio::select! {
         r = &mut d2b => r,
         _ = &mut b2d => Ok(Ended::BrokerGone),
@@ -282,6 +295,67 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Copies rumqttd's packets to the device, whole packets per write. Decodes only fixed headers
+/// (to keep packet boundaries) and the SUBACKs the front must complete ([`Fixup`]); writes the
+/// front's own answers between packets.
+async fn broker_to_device<R, W>(
+    broker_rd: &mut R,
+    dev_wr: &mut W,
+    level: u8,
+    fixups: &Fixups,
+    mut answers: tokio::sync::mpsc::Receiver<Bytes>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        tokio::select! {
+            biased;
+            Some(answer) = answers.recv() => dev_wr.write_all(&answer).await?,
+            n = broker_rd.read_buf(&mut buf) => {
+                if n? == 0 {
+                    return Ok(());
+                }
+                // Whole packets go out as they are, up to the first SUBACK to complete.
+                let mut at = 0;
+                loop {
+                    let f = match packet::frame(&buf[at..], usize::MAX) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        // rumqttd does not send malformed packets; should it, they pass as bytes.
+                        Err(_) => {
+                            at = buf.len();
+                            break;
+                        }
+                    };
+                    if f.kind() == 9 {
+                        let pkt = &buf[at..at + f.len];
+                        let fix = packet::packet_id(pkt, &f).and_then(|id| {
+                            fixups.lock().unwrap_or_else(|e| e.into_inner()).remove(&id)
+                        });
+                        if let Some(fix) = fix {
+                            let code = if level == 5 { 0x87 } else { 0x80 };
+                            dev_wr.write_all(&buf[..at]).await?;
+                            let whole = packet::suback_with_denied(pkt, &f, level, fix.total, &fix.denied, code);
+                            dev_wr.write_all(whole.as_deref().unwrap_or(pkt)).await?;
+                            let _ = buf.split_to(at + f.len);
+                            at = 0;
+                            continue;
+                        }
+                    }
+                    at += f.len;
+                }
+                if at > 0 {
+                    dev_wr.write_all(&buf[..at]).await?;
+                    let _ = buf.split_to(at);
+                }
+            }
+        }
+    }
+}
+
 /// Length of the fixed header of a whole packet in `buf`.
 fn header_len(buf: &[u8]) -> usize {
     1 + buf[1..]
@@ -309,7 +383,19 @@ struct Entry {
     bytes: Bytes,
     /// Set for a held PUBLISH until its row committed.
     commit: Option<PendingCommit>,
+    /// An answer of the front itself (a SUBACK refusing every filter): goes to the device.
+    to_device: bool,
 }
+
+/// A SUBSCRIBE the front cut down to its allowed filters: rumqttd's SUBACK gets the failure
+/// codes of the denied ones back in their places.
+struct Fixup {
+    total: usize,
+    denied: Vec<usize>,
+}
+
+/// Per connection, by packet identifier.
+type Fixups = std::sync::Mutex<HashMap<u16, Fixup>>;
 
 /// Route and ACL verdict of one topic, cached per connection.
 #[derive(Clone, Copy)]
@@ -331,34 +417,50 @@ struct DeviceState<'a> {
     shared: &'a Shared,
     level: u8,
     acl: &'a Acl,
+    fixups: &'a Fixups,
     topics: HashMap<Bytes, TopicInfo>,
     aliases: HashMap<u16, Bytes>,
     /// Rows of the packets parsed since the last append.
     rows: Vec<crate::store::NewMessage>,
 }
 
+/// The device's side of a connection, for `device_to_broker`.
+struct DeviceSide<'a, R> {
+    rd: &'a mut R,
+    rbuf: BytesMut,
+    /// The front's own answers, written by `broker_to_device`.
+    answers: tokio::sync::mpsc::Sender<Bytes>,
+}
+
 async fn device_to_broker<R, W>(
     shared: &Shared,
     level: u8,
     acl: &Acl,
-    dev_rd: &mut R,
-    mut rbuf: BytesMut,
+    fixups: &Fixups,
+    device: DeviceSide<'_, R>,
     broker_wr: &mut W,
 ) -> Result<Ended, Close>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let DeviceSide {
+        rd: dev_rd,
+        mut rbuf,
+        answers,
+    } = device;
     let mut st = DeviceState {
         shared,
         level,
         acl,
+        fixups,
         topics: HashMap::new(),
         aliases: HashMap::new(),
         rows: Vec::new(),
     };
     let mut fifo: VecDeque<Entry> = VecDeque::new();
     let mut out = BytesMut::new();
+    let mut to_device: Vec<Bytes> = Vec::new();
     // Set once the device sent DISCONNECT or closed: the FIFO is drained, then the loop ends.
     let mut end: Option<Ended> = None;
     let mut queued_bytes = 0usize;
@@ -384,6 +486,7 @@ where
                     fifo.push_back(Entry {
                         bytes,
                         commit: None,
+                        to_device: false,
                     });
                 }
                 Action::Disconnect(e, with_will) => {
@@ -408,11 +511,21 @@ where
             }
             let e = fifo.pop_front().expect("front exists");
             queued_bytes -= e.bytes.len();
-            out.extend_from_slice(&e.bytes);
+            if e.to_device {
+                to_device.push(e.bytes);
+            } else {
+                out.extend_from_slice(&e.bytes);
+            }
         }
         if !out.is_empty() {
             broker_wr.write_all(&out).await?;
             out.clear();
+        }
+        for b in to_device.drain(..) {
+            // The broker-to-device side has ended when this fails: so does the connection.
+            if answers.send(b).await.is_err() {
+                return Ok(Ended::BrokerGone);
+            }
         }
         if fifo.is_empty() {
             if let Some(e) = end.take() {
@@ -480,27 +593,61 @@ impl DeviceState<'_> {
             Action::Forward(Entry {
                 bytes,
                 commit: None,
+                to_device: false,
             })
         };
         match f.kind() {
             packet::PUBLISH => self.publish(pkt, f),
             packet::SUBSCRIBE | packet::UNSUBSCRIBE => {
                 let filters = packet::filters(&pkt, f, self.level)?;
-                if f.kind() == packet::SUBSCRIBE {
-                    if !filters.iter().all(|fl| self.acl.may_subscribe(fl)) {
-                        return Err(Close::Refused(Refusal::NotAuthorized));
-                    }
-                    if self.level == 4 {
-                        let mut new = false;
-                        for fl in &filters {
+                if f.kind() == packet::UNSUBSCRIBE {
+                    return Ok(plain(pkt));
+                }
+                let denied: Vec<usize> = (0..filters.len())
+                    .filter(|&i| !self.acl.may_subscribe(filters[i].0))
+                    .collect();
+                if self.level == 4 {
+                    let mut new = false;
+                    for (i, (fl, _)) in filters.iter().enumerate() {
+                        if !denied.contains(&i) {
                             new |= self.shared.v4_filters.register(fl);
                         }
-                        if new {
-                            tokio::time::sleep(props::NEW_V4_FILTER_DELAY).await;
-                        }
+                    }
+                    if new {
+                        tokio::time::sleep(props::NEW_V4_FILTER_DELAY).await;
                     }
                 }
-                Ok(plain(pkt))
+                if denied.is_empty() {
+                    return Ok(plain(pkt));
+                }
+                // Denied filters get a failure code in the SUBACK (3.1.1: 0x80, 5: 0x87 not
+                // authorized); rumqttd sees only the allowed ones.
+                let pkid = packet::packet_id(&pkt, f).ok_or(Malformed::Truncated)?;
+                let code = if self.level == 5 { 0x87 } else { 0x80 };
+                if denied.len() == filters.len() {
+                    let codes = vec![code; filters.len()];
+                    return Ok(Action::Forward(Entry {
+                        bytes: Bytes::from(packet::suback(pkid, self.level, &codes)),
+                        commit: None,
+                        to_device: true,
+                    }));
+                }
+                let edits: Vec<(std::ops::Range<usize>, &[u8])> = denied
+                    .iter()
+                    .map(|&i| (filters[i].1.clone(), &[][..]))
+                    .collect();
+                let allowed = Bytes::from(packet::splice(&pkt, f, &edits));
+                self.fixups
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(
+                        pkid,
+                        Fixup {
+                            total: filters.len(),
+                            denied,
+                        },
+                    );
+                Ok(plain(allowed))
             }
             packet::DISCONNECT => {
                 packet::check_other(&pkt, f, self.level)?;
@@ -509,6 +656,7 @@ impl DeviceState<'_> {
                     Entry {
                         bytes: pkt,
                         commit: None,
+                        to_device: false,
                     },
                     with_will,
                 ))
@@ -577,6 +725,7 @@ impl DeviceState<'_> {
             return Ok(Action::Forward(Entry {
                 bytes,
                 commit: None,
+                to_device: false,
             }));
         };
         self.rows
@@ -589,6 +738,7 @@ impl DeviceState<'_> {
             return Ok(Action::Forward(Entry {
                 bytes,
                 commit: None,
+                to_device: false,
             }));
         }
         self.shared.counters.held.fetch_add(1, Ordering::Relaxed);

@@ -439,8 +439,13 @@ pub fn publish(pkt: &[u8], f: &Frame, level: u8) -> Result<Publish, Malformed> {
     })
 }
 
-/// The filters of a SUBSCRIBE or UNSUBSCRIBE, after checking it.
-pub fn filters<'a>(pkt: &'a [u8], f: &Frame, level: u8) -> Result<Vec<&'a str>, Malformed> {
+/// The filters of a SUBSCRIBE or UNSUBSCRIBE, after checking it, each with the range of its
+/// entry (filter field and, in a SUBSCRIBE, its options byte).
+pub fn filters<'a>(
+    pkt: &'a [u8],
+    f: &Frame,
+    level: u8,
+) -> Result<Vec<(&'a str, Range<usize>)>, Malformed> {
     if f.flags() != 0x02 {
         return Err(Malformed::BadFlags);
     }
@@ -457,6 +462,7 @@ pub fn filters<'a>(pkt: &'a [u8], f: &Frame, level: u8) -> Result<Vec<&'a str>, 
     }
     let mut out = Vec::new();
     while r.left() > 0 {
+        let start = r.pos;
         let filter = r.string()?;
         crate::config::topic::valid_filter(filter).map_err(|_| Malformed::BadTopic)?;
         if subscribe {
@@ -466,12 +472,68 @@ pub fn filters<'a>(pkt: &'a [u8], f: &Frame, level: u8) -> Result<Vec<&'a str>, 
                 return Err(Malformed::BadSubscription);
             }
         }
-        out.push(filter);
+        out.push((filter, start..r.pos));
     }
     if out.is_empty() {
         return Err(Malformed::BadSubscription);
     }
     Ok(out)
+}
+
+/// The packet identifier of a SUBSCRIBE, SUBACK (or any packet that starts with one).
+pub fn packet_id(pkt: &[u8], f: &Frame) -> Option<u16> {
+    let b = pkt.get(f.header_len..f.header_len + 2)?;
+    Some(u16::from(b[0]) << 8 | u16::from(b[1]))
+}
+
+/// A SUBACK with the given reason codes and no properties.
+pub fn suback(pkid: u16, level: u8, codes: &[u8]) -> Vec<u8> {
+    let props = usize::from(level == 5);
+    let mut out = vec![0x90];
+    encode_length(2 + props + codes.len(), &mut out);
+    out.extend_from_slice(&pkid.to_be_bytes());
+    if props == 1 {
+        out.push(0);
+    }
+    out.extend_from_slice(codes);
+    out
+}
+
+/// rumqttd's SUBACK for a SUBSCRIBE the front cut down to its allowed filters, with `code` put
+/// back at the positions of the filters it removed (`denied`, ascending, out of `total`).
+/// `None` when the SUBACK does not have one code per forwarded filter.
+pub fn suback_with_denied(
+    pkt: &[u8],
+    f: &Frame,
+    level: u8,
+    total: usize,
+    denied: &[usize],
+    code: u8,
+) -> Option<Vec<u8>> {
+    let mut r = Reader::new(pkt, f.header_len + 2);
+    if level == 5 {
+        properties(&mut r).ok()?;
+    }
+    let props = f.header_len + 2..r.pos;
+    let granted = &pkt[r.pos..];
+    if granted.len() + denied.len() != total {
+        return None;
+    }
+    let mut codes = Vec::with_capacity(total);
+    let mut g = granted.iter();
+    for i in 0..total {
+        if denied.contains(&i) {
+            codes.push(code);
+        } else {
+            codes.push(*g.next()?);
+        }
+    }
+    let mut out = vec![f.header];
+    encode_length(2 + props.len() + codes.len(), &mut out);
+    out.extend_from_slice(&pkt[f.header_len..f.header_len + 2]);
+    out.extend_from_slice(&pkt[props]);
+    out.extend_from_slice(&codes);
+    Some(out)
 }
 
 /// Checks a packet the front passes on without decoding: its type, flags and fixed lengths.
@@ -669,7 +731,8 @@ mod tests {
         body.push(1);
         let good = pkt(0x82, &body);
         let f = frame(&good, 1000).expect("valid").expect("whole");
-        assert_eq!(filters(&good, &f, 4), Ok(vec!["a/#"]));
+        let parsed = filters(&good, &f, 4).expect("valid SUBSCRIBE");
+        assert_eq!(parsed, vec![("a/#", 4..10)]);
         let bad_flags = pkt(0x80, &body);
         let f = frame(&bad_flags, 1000).expect("valid").expect("whole");
         assert_eq!(filters(&bad_flags, &f, 4), Err(Malformed::BadFlags));
@@ -681,6 +744,20 @@ mod tests {
         let empty = pkt(0x82, &[0, 1]);
         let f = frame(&empty, 1000).expect("valid").expect("whole");
         assert_eq!(filters(&empty, &f, 4), Err(Malformed::BadSubscription));
+    }
+
+    #[test]
+    fn a_suback_gets_the_denied_codes_back_in_their_places() {
+        let rumqttd = [0x90, 4, 0, 7, 1, 0];
+        let f = frame(&rumqttd, 100).expect("valid").expect("whole");
+        let out = suback_with_denied(&rumqttd, &f, 4, 4, &[0, 2], 0x80);
+        assert_eq!(out, Some(vec![0x90, 6, 0, 7, 0x80, 1, 0x80, 0]));
+        let v5 = [0x90, 5, 0, 7, 0, 1, 0];
+        let f = frame(&v5, 100).expect("valid").expect("whole");
+        let out = suback_with_denied(&v5, &f, 5, 3, &[2], 0x87);
+        assert_eq!(out, Some(vec![0x90, 6, 0, 7, 0, 1, 0, 0x87]));
+        assert_eq!(suback_with_denied(&v5, &f, 5, 4, &[2], 0x87), None);
+        assert_eq!(suback(9, 5, &[0x87]), vec![0x90, 4, 0, 9, 0, 0x87]);
     }
 
     #[test]
