@@ -301,6 +301,20 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         intake_counters.received.load(Ordering::Relaxed),
         forward_counters.forwarded.load(Ordering::Relaxed),
     );
+    // ─── MQTT front: its totals at exit ───
+    if let Some(c) = broker.front_counters() {
+        let malformed: u64 = c.malformed().map(|(_, n)| n).sum();
+        let refused: u64 = c.refused().map(|(_, n)| n).sum();
+        tracing::info!(
+            connections = c.connections.load(Ordering::Relaxed),
+            held = c.held.load(Ordering::Relaxed),
+            stored_qos0 = c.stored_qos0.load(Ordering::Relaxed),
+            malformed,
+            refused,
+            properties_stripped = c.properties_stripped.load(Ordering::Relaxed),
+            "front totals"
+        );
+    }
     tracing::info!(
         received = counts.0,
         forwarded = counts.1,

@@ -560,7 +560,11 @@ fn topic_acls_allow_the_users_topics_and_refuse_the_others() {
     body.extend(field(b"dev1"));
     body.extend(field(b"pw1"));
     let (mut v5c, ack) = Raw::connect(gw.port(), &packet(0x10, &body));
-    assert_eq!(ack.map(|a| (a[0], a[3])), Some((0x20, 0)), "CONNACK success");
+    assert_eq!(
+        ack.map(|a| (a[0], a[3])),
+        Some((0x20, 0)),
+        "CONNACK success"
+    );
     let mut body = 5u16.to_be_bytes().to_vec();
     body.push(0); // no properties
     for filter in ["cmd/dev1/a", "cmd/#"] {

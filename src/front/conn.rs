@@ -80,15 +80,28 @@ pub(super) async fn serve<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // A device stuck in a reconnect loop must not flood the journal: one line a second at most
+    // (the counters count them all).
+    let log_now = || {
+        shared
+            .log_limit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow()
+    };
     match run(shared, dev_rd, dev_wr, peer, cancel).await {
         Ok(()) => {}
         Err(Close::Malformed(m)) => {
             shared.counters.count_malformed(m);
-            tracing::info!(%peer, reason = m.name(), "malformed packet: connection closed");
+            if log_now() {
+                tracing::info!(%peer, reason = m.name(), "malformed packet: connection closed");
+            }
         }
         Err(Close::Refused(r)) => {
             shared.counters.count_refused(r);
-            tracing::info!(%peer, reason = r.name(), "connection refused");
+            if log_now() {
+                tracing::info!(%peer, reason = r.name(), "connection refused");
+            }
         }
         Err(Close::Io(e)) => tracing::debug!(%peer, error = %e, "connection ended"),
     }

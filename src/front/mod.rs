@@ -212,6 +212,7 @@ pub(crate) struct Shared {
     durable: Option<Durable>,
     counters: Arc<FrontCounters>,
     v4_filters: props::V4Filters,
+    log_limit: std::sync::Mutex<crate::sources::hardware::RateLimited>,
 }
 
 /// The device-facing listener(s).
@@ -249,6 +250,9 @@ impl Front {
                 durable,
                 counters: Arc::new(FrontCounters::default()),
                 v4_filters: props::V4Filters::default(),
+                log_limit: std::sync::Mutex::new(crate::sources::hardware::RateLimited::new(
+                    Duration::from_secs(1),
+                )),
             }),
         }
     }
@@ -306,7 +310,14 @@ impl Front {
             if counters.open.fetch_add(1, Ordering::AcqRel) >= shared.max_connections {
                 counters.open.fetch_sub(1, Ordering::AcqRel);
                 counters.count_refused(Refusal::ConnectionLimit);
-                tracing::warn!(%peer, limit = shared.max_connections, "connection refused: broker.max_connections reached");
+                let log = shared
+                    .log_limit
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .allow();
+                if log {
+                    tracing::warn!(%peer, limit = shared.max_connections, "connection refused: broker.max_connections reached");
+                }
                 drop(socket);
                 continue;
             }
