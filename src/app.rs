@@ -117,6 +117,10 @@ struct Shared {
     stats: watch::Receiver<bytes::Bytes>,
     /// Bumped at each reload: link names must be unique while old and new overlap.
     generation: u32,
+    /// The MQTT front stores device messages itself; the local-link intake then does not run.
+    front_on: bool,
+    /// The forward rules the front stores by; replaced at a reload.
+    front_rules: Option<Arc<crate::front::Rules>>,
 }
 
 /// The intake: the broker subscription on the forward filters, into the store.
@@ -124,6 +128,11 @@ fn spawn_intake(cfg: &Config, broker: &Broker, sh: &Shared) -> Result<Option<Sta
     let (Some(uplink), Some(store)) = (&cfg.uplink, &sh.store) else {
         return Ok(None);
     };
+    // With the front on, the front stores device messages and the hardware stage its
+    // readings: a local-link intake would store each of them a second time.
+    if sh.front_on {
+        return Ok(None);
+    }
     let (mut link_tx, link_rx) = broker.link(&format!("edgegate-intake-{}", sh.generation))?;
     let intake = LocalIntake {
         uplink: Arc::new(uplink.clone()),
@@ -250,7 +259,26 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
     };
 
     let mut listeners: JoinSet<ListenerExit> = JoinSet::new();
-    let broker = Broker::start(&cfg.broker, &mut listeners)?;
+    // ─── MQTT front (src/front/): device messages are stored before rumqttd sees them ───
+    let front_on = cfg.broker.front_enabled();
+    let front_token = root.child_token();
+    let front_rules = cfg
+        .uplink
+        .as_ref()
+        .map(|u| Arc::new(crate::front::Rules::new(u.clone())));
+    let durable = match (&front_rules, &store) {
+        (Some(rules), Some((handle, _))) => Some(crate::front::Durable {
+            uplink: rules.clone(),
+            store: handle.clone(),
+        }),
+        _ => None,
+    };
+    let broker = Broker::start(&cfg.broker, &mut listeners, durable, front_token.clone())?;
+    crate::sources::hardware::set_intake_stores_local(!front_on);
+    if !front_on {
+        tracing::warn!("the MQTT front is off (broker.front): a device's PUBACK comes from the in-memory broker, before its message is on disk");
+    }
+    // ─── end of the MQTT front ───
     let local = broker.publisher("edgegate-local")?;
 
     // Metrics are bound before READY: a taken port is a start error, like the broker's.
@@ -280,6 +308,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         forward_counters: Arc::new(ForwardCounters::default()),
         stats: stats_rx,
         generation: 1,
+        front_on,
+        front_rules,
     };
 
     let mut intake = spawn_intake(&cfg, &broker, &shared)?;
@@ -313,6 +343,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         link_state.clone(),
         shared.store.clone(),
         broker.listeners().iter().map(|l| l.addr.port()).collect(),
+        broker.front_counters(),
     ));
     crate::ops::registry::registry().retain_sensors(&configured_sensors(&cfg));
     for (kind, name) in configured_sensors(&cfg) {
@@ -475,10 +506,12 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
     notify::stopping();
     let deadline = tokio::time::Instant::now() + cfg.gateway.shutdown_timeout.get();
     // Hardware first: fail-safe outputs applied, its readings committed before the intake stops.
-    for stage in [hardware.take(), intake.take(), forwarder.take()]
-        .into_iter()
-        .flatten()
-    {
+    if let Some(h) = hardware.take() {
+        h.stop(deadline).await;
+    }
+    // Then the front: no new device messages (its loopback connections stay until exit).
+    front_token.cancel();
+    for stage in [intake.take(), forwarder.take()].into_iter().flatten() {
         stage.stop(deadline).await;
     }
     ops_token.cancel();
@@ -506,6 +539,20 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         shared.intake_counters.received.load(Ordering::Relaxed),
         shared.forward_counters.forwarded.load(Ordering::Relaxed),
     );
+    // ─── MQTT front: its totals at exit ───
+    if let Some(c) = broker.front_counters() {
+        let malformed: u64 = c.malformed().map(|(_, n)| n).sum();
+        let refused: u64 = c.refused().map(|(_, n)| n).sum();
+        tracing::info!(
+            connections = c.connections.load(Ordering::Relaxed),
+            held = c.held.load(Ordering::Relaxed),
+            stored_qos0 = c.stored_qos0.load(Ordering::Relaxed),
+            malformed,
+            refused,
+            properties_stripped = c.properties_stripped.load(Ordering::Relaxed),
+            "front totals"
+        );
+    }
     tracing::info!(
         received = counts.0,
         forwarded = counts.1,
@@ -594,6 +641,10 @@ async fn reload(
         }
     }
     if uplink_changed {
+        if let (Some(rules), Some(uplink)) = (&sh.front_rules, &new.uplink) {
+            // The front stores by the new rules from its next message on.
+            rules.replace(uplink.clone());
+        }
         let next = spawn_intake(&new, broker, sh).map_err(ReloadError::Fatal)?;
         if let Some(i) = std::mem::replace(intake, next) {
             i.stop(deadline).await;

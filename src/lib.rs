@@ -3,6 +3,8 @@
 //! # Layout (folders name the data path)
 //! - [`config`]: the YAML file → typed, validated settings (errors name file, line, field).
 //! - [`broker`]: the embedded MQTT broker (rumqttd) devices connect to, and local links into it.
+//! - [`front`]: the device-facing MQTT listener in front of the broker: framing, strict
+//!   validation, authentication and ACLs, and hold-until-commit (a PUBACK means "on disk").
 //! - [`sources`]: everything that turns input into messages for the store; today the broker
 //!   subscription on the forward filters (`sources::local`).
 //! - [`store`]: the durable SQLite queue, owned by one thread behind `StoreHandle`.
@@ -21,6 +23,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod forward;
+pub mod front;
 pub mod hw;
 pub mod logging;
 pub mod notify;

@@ -293,7 +293,6 @@ fn the_tls_listener_serves_clients_with_certificates_and_refuses_those_without()
 /// Devices on a LAN often connect by IP address; OpenSSL-based clients (mosquitto, paho-c)
 /// then send the IP literal as SNI, which the TLS listener must tolerate.
 #[test]
-#[ignore = "known limit: rumqttd 0.20's rustls 0.22 rejects an IP address as SNI (\"Illegal SNI hostname\"); devices must connect by host name until the MQTT front owns TLS (issue 8)"]
 fn the_tls_listener_serves_a_client_that_connects_by_ip_address() {
     let (_certdir, certs, tls_port, _dir, gw) = start_tls_gateway();
     let by_ip = ClientOpts {

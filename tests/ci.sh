@@ -16,6 +16,14 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
 fi
+# paho-mqtt (PyPI): a third-party client for the MQTT front's interoperability test
+# (tests/interop/paho_front.py, run by tests/front.rs).
+if ! python3 -c "import paho.mqtt" >/dev/null 2>&1; then
+  echo "== installing paho-mqtt (pip)"
+  # A Debian system Python refuses pip installs (PEP 668) unless told.
+  python3 -m pip install -q "paho-mqtt>=2,<3" \
+    || python3 -m pip install -q --break-system-packages "paho-mqtt>=2,<3"
+fi
 for comp in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$comp"; then
     rustup component add "$comp"

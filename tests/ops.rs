@@ -394,3 +394,43 @@ fn sighup_adding_a_serial_sensor_starts_it_and_forwarding_goes_on() {
         "{st:#}"
     );
 }
+
+#[test]
+fn sighup_adding_a_forward_rule_makes_the_front_store_and_forward_that_topic() {
+    let up = Mosquitto::start(MosquittoOpts::default());
+    let upstream = Subscriber::start(up.port(), "#", &client_id("up"), &ClientOpts::qos(1));
+    let (gw, _tmp) = start(&up, "", "");
+    // Not forwarded yet: nothing reaches the upstream.
+    assert_eq!(publish_seq(gw.port(), "alerts/a", 3, 1), 3);
+    assert_eq!(publish_seq(gw.port(), "sensors/mark", 1, 1), 1);
+    let seen = upstream.wait_for(1, Duration::from_secs(15));
+    assert!(
+        seen.iter().all(|(t, _)| !t.starts_with("alerts/")),
+        "{seen:?}"
+    );
+
+    rewrite(
+        gw.config_path(),
+        "  forward:\n    - local: \"sensors/#\"\n",
+        "  forward:\n    - local: \"sensors/#\"\n    - local: \"alerts/#\"\n",
+    );
+    hup(&gw);
+    assert!(
+        wait_until(Duration::from_secs(10), || gw
+            .log()
+            .contains("configuration reloaded")),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(publish_seq(gw.port(), "alerts/b", 5, 1), 5);
+    let mut msgs = Vec::new();
+    let arrived = wait_until(Duration::from_secs(15), || {
+        msgs = upstream.messages();
+        check_seq(&msgs, "alerts/b", 5).missing.is_empty()
+    });
+    assert!(arrived, "{msgs:?}\n{}", gw.log());
+    assert!(
+        msgs.iter().all(|(t, _)| t != "alerts/a"),
+        "alerts/a was not forwarded before the reload"
+    );
+}

@@ -260,10 +260,19 @@ async fn main() {
                 client
             });
             let mut my_acks = 0u64;
+            // PUBACK latency: from the PUBLISH leaving the client to its PUBACK.
+            let mut sent_at: HashMap<u16, Instant> = HashMap::new();
+            let mut my_lat: Vec<u64> = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(3600);
             while my_acks < messages && Instant::now() < deadline {
                 match el.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                        sent_at.insert(pkid, Instant::now());
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        if let Some(t) = sent_at.remove(&a.pkid) {
+                            my_lat.push(t.elapsed().as_micros() as u64);
+                        }
                         my_acks += 1;
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
@@ -272,7 +281,7 @@ async fn main() {
                         eprintln!("loadgen: connection {conn}: {e}");
                         if stop_on_error {
                             publisher.abort();
-                            return;
+                            return my_lat;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
@@ -282,11 +291,20 @@ async fn main() {
                 let _ = c.disconnect().await;
                 let _ = tokio::time::timeout(Duration::from_millis(200), el.poll()).await;
             }
+            my_lat
         }));
     }
+    let mut puback_lat: Vec<u64> = Vec::new();
     for t in tasks {
-        let _ = t.await;
+        if let Ok(l) = t.await {
+            puback_lat.extend(l);
+        }
     }
+    puback_lat.sort_unstable();
+    let puback_pct = |p: f64| -> Option<f64> {
+        (!puback_lat.is_empty())
+            .then(|| puback_lat[((puback_lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0)
+    };
     let publish_s = started.elapsed().as_secs_f64();
     let acked = acked.load(Ordering::Relaxed);
 
@@ -346,6 +364,8 @@ async fn main() {
         "e2e_msgs_s": e2e_s.map(|s| unique as f64 / s.max(1e-9)),
         "lat_ms_p50": pct(0.5),
         "lat_ms_p99": pct(0.99),
+        "puback_ms_p50": puback_pct(0.5),
+        "puback_ms_p99": puback_pct(0.99),
         "edge": edge,
     });
     println!("{line}");

@@ -17,9 +17,13 @@ use rumqttd::{
     ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings,
     TlsConfig,
 };
+use std::sync::Arc;
+
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerConfig, Protocol};
+use crate::front::{Durable, Front, FrontCounters, Internal, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -41,6 +45,8 @@ pub enum BrokerError {
         what: &'static str,
         waited: Duration,
     },
+    #[error("broker.tls: {0}")]
+    Tls(String),
     #[error("the embedded broker refused an internal link `{name}`: {reason}")]
     Link { name: String, reason: String },
 }
@@ -59,26 +65,68 @@ type LinkFactory = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send +
 /// no way to); the listener tasks end when the set they were spawned on is dropped or aborted.
 pub struct Broker {
     link_factory: LinkFactory,
+    /// Device-facing listeners (the front's when it is on).
     listeners: Vec<ListenerSpec>,
+    /// rumqttd's loopback listeners behind the front (empty without the front).
+    internal: Vec<ListenerSpec>,
+    front: Option<Front>,
 }
 
 impl Broker {
     /// Builds rumqttd's router from our settings and spawns one task per listener into `tasks`.
     /// Fails at once (before anything is spawned) when a listener address cannot be bound.
+    ///
+    /// With the MQTT front on (`broker.front`), the plain-TCP listeners are the front's and
+    /// rumqttd listens on two internal loopback ports (3.1.1 and 5) that only the front uses;
+    /// `durable` is what the front stores to. The front stops accepting when `front_cancel` is
+    /// cancelled.
     pub fn start(
         cfg: &BrokerConfig,
         tasks: &mut JoinSet<ListenerExit>,
+        durable: Option<Durable>,
+        front_cancel: CancellationToken,
     ) -> Result<Broker, BrokerError> {
         let listeners = listener_specs(cfg);
         // rumqttd binds inside its task and can only report failure as a log line; try each address
         // ourselves first so a port held by another process is a clear error, not a silent hang.
+        // The front keeps its bound sockets.
+        let mut bound = Vec::new();
         for l in &listeners {
-            StdListener::bind(l.addr).map_err(|source| BrokerError::Bind {
+            let sock = StdListener::bind(l.addr).map_err(|source| BrokerError::Bind {
                 addr: l.addr,
                 what: l.what,
                 source,
             })?;
+            bound.push(sock);
         }
+        let front = if cfg.front_enabled() {
+            Some(start_front(
+                cfg,
+                &listeners,
+                bound,
+                tasks,
+                durable,
+                front_cancel,
+            )?)
+        } else {
+            drop(bound);
+            None
+        };
+        let (cfg, internal): (std::borrow::Cow<'_, BrokerConfig>, Vec<ListenerSpec>) = match &front
+        {
+            Some((_, internal)) => {
+                // rumqttd serves only the front, on loopback, without TLS or WebSocket.
+                let mut c = cfg.clone();
+                c.listen = Some(internal.v4);
+                c.listen_v5 = Some(internal.v5);
+                c.tls = None;
+                c.websocket = None;
+                let specs = listener_specs(&c);
+                (std::borrow::Cow::Owned(c), specs)
+            }
+            None => (std::borrow::Cow::Borrowed(cfg), Vec::new()),
+        };
+        let cfg = cfg.as_ref();
 
         let router = Router::new(0, router_config(cfg));
         let router_tx = router.spawn();
@@ -160,7 +208,14 @@ impl Broker {
         Ok(Broker {
             link_factory,
             listeners,
+            internal,
+            front: front.map(|(f, _)| f),
         })
+    }
+
+    /// The front's counters, when the front is on.
+    pub fn front_counters(&self) -> Option<Arc<FrontCounters>> {
+        self.front.as_ref().map(Front::counters)
     }
 
     /// A local (in-process, QoS 0) connection to the router.
@@ -184,7 +239,7 @@ impl Broker {
     /// Waits until every listener accepts a TCP connection, or one of them has failed.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), BrokerError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        for l in &self.listeners {
+        for l in self.internal.iter().chain(&self.listeners) {
             let probe = probe_addr(l.addr);
             loop {
                 if tokio::net::TcpStream::connect(probe).await.is_ok() {
@@ -231,6 +286,61 @@ impl ListenerExit {
             reason: self.error,
         }
     }
+}
+
+/// Picks rumqttd's internal loopback ports, binds nothing else and spawns the front's accept
+/// loops on the already-bound device-facing sockets.
+fn start_front(
+    cfg: &BrokerConfig,
+    listeners: &[ListenerSpec],
+    bound: Vec<StdListener>,
+    tasks: &mut JoinSet<ListenerExit>,
+    durable: Option<Durable>,
+    cancel: CancellationToken,
+) -> Result<(Front, Internal), BrokerError> {
+    let internal = Internal {
+        v4: free_loopback_port("internal MQTT 3.1.1")?,
+        v5: free_loopback_port("internal MQTT 5")?,
+    };
+    let front = Front::new(cfg, internal, durable);
+    let acceptor = match &cfg.tls {
+        Some(t) => Some((
+            t.listen,
+            crate::front::tls::acceptor(t).map_err(BrokerError::Tls)?,
+        )),
+        None => None,
+    };
+    for (spec, sock) in listeners.iter().zip(bound) {
+        let (addr, what) = (spec.addr, spec.what);
+        let transport = match (&acceptor, &cfg.websocket) {
+            (Some((a, acc)), _) if *a == addr => Transport::Tls(acc.clone()),
+            (_, Some(ws)) if ws.listen == addr => Transport::WebSocket,
+            _ => Transport::Tcp,
+        };
+        let listener = sock
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(sock))
+            .map_err(|source| BrokerError::Bind { addr, what, source })?;
+        let front = front.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let r = front.run(listener, transport, cancel).await;
+            ListenerExit::from_result(addr, what, r.map_err(|e| e.to_string()))
+        });
+    }
+    Ok((front, internal))
+}
+
+/// A loopback port free right now (the kernel's pick), for one of rumqttd's internal listeners.
+fn free_loopback_port(what: &'static str) -> Result<SocketAddr, BrokerError> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    StdListener::bind(any)
+        .and_then(|l| l.local_addr())
+        .map_err(|source| BrokerError::Bind {
+            addr: any,
+            what,
+            source,
+        })
 }
 
 /// A wildcard listen address is probed on loopback.

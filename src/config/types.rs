@@ -172,6 +172,17 @@ pub struct BrokerConfig {
     /// Segments kept per filter; memory per filter is at most segment_size × segment_count.
     #[serde(default = "default_segment_count")]
     pub segment_count: usize,
+    // ─── MQTT front (src/front/) ───
+    /// The MQTT front on every listener (a device's PUBACK means "on disk"). Default: on.
+    #[serde(default = "default_front")]
+    pub front: bool,
+}
+
+impl BrokerConfig {
+    /// Whether the MQTT front serves the listeners (see `front`).
+    pub fn front_enabled(&self) -> bool {
+        self.front
+    }
 }
 
 impl Default for BrokerConfig {
@@ -188,10 +199,14 @@ impl Default for BrokerConfig {
             connect_timeout: default_connect_timeout(),
             segment_size: default_segment_size(),
             segment_count: default_segment_count(),
+            front: default_front(),
         }
     }
 }
 
+fn default_front() -> bool {
+    true
+}
 fn default_broker_listen() -> Option<SocketAddr> {
     Some(SocketAddr::from(([0, 0, 0, 0], 1883)))
 }
@@ -241,6 +256,10 @@ pub struct WebsocketConfig {
 pub struct UserConfig {
     pub username: String,
     pub password: SecretSource,
+    /// Topic filters this user may publish to (enforced by the MQTT front); `None`: any topic.
+    pub publish: Option<Vec<String>>,
+    /// Topic filters this user may subscribe within (MQTT front); `None`: any filter.
+    pub subscribe: Option<Vec<String>>,
 }
 
 /// Where a secret comes from: inline, a file (whole content, trailing newline trimmed) or an
@@ -762,6 +781,10 @@ struct UserConfigFile {
     password_file: Option<PathBuf>,
     #[serde(default)]
     password_env: Option<String>,
+    #[serde(default)]
+    publish: Option<Vec<String>>,
+    #[serde(default)]
+    subscribe: Option<Vec<String>>,
 }
 
 impl From<UserConfigFile> for UserConfig {
@@ -774,6 +797,8 @@ impl From<UserConfigFile> for UserConfig {
                 password_env: f.password_env,
                 resolved: None,
             },
+            publish: f.publish,
+            subscribe: f.subscribe,
         }
     }
 }

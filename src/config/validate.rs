@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::load::Problem;
 use super::topic;
-use super::types::{Config, GpioBackendKind, SerialFormat, UplinkConfig};
+use super::types::{BrokerConfig, Config, GpioBackendKind, SerialFormat, UplinkConfig};
 
 /// Smallest rumqttd log segment we accept: smaller ones make the router rotate constantly.
 const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
@@ -262,6 +262,26 @@ fn check_broker(cfg: &Config, p: &mut Problems) {
     }
     if b.connect_timeout.get().is_zero() {
         p.add("broker.connect_timeout", "must be more than 0");
+    }
+    check_front(b, p);
+}
+
+// ─── MQTT front (src/front/) ───
+fn check_front(b: &BrokerConfig, p: &mut Problems) {
+    for (i, user) in b.users.iter().enumerate() {
+        for (key, list) in [("publish", &user.publish), ("subscribe", &user.subscribe)] {
+            for (j, f) in list.iter().flatten().enumerate() {
+                if let Err(e) = topic::valid_filter(f) {
+                    p.add(format!("broker.users[{i}].{key}[{j}]"), e);
+                }
+            }
+            if list.is_some() && !b.front_enabled() {
+                p.add(
+                    format!("broker.users[{i}].{key}"),
+                    "topic ACLs are enforced by the MQTT front, which is off (broker.front)",
+                );
+            }
+        }
     }
 }
 
@@ -833,6 +853,32 @@ mod tests {
             .message
             .contains("no password"));
         assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    // ─── MQTT front ───
+    #[test]
+    fn the_front_is_on_by_default() {
+        assert!(parse(BASE).broker.front_enabled());
+        let cfg = parse(&format!("{BASE}broker:\n  front: false\n"));
+        assert!(!cfg.broker.front_enabled());
+    }
+
+    #[test]
+    fn acl_filters_must_be_valid_and_need_the_front() {
+        let cfg = parse(&format!(
+            "{BASE}broker:\n  users:\n    - {{username: a, password: x, publish: [\"a/#/b\"], subscribe: [\"ok/#\"]}}\n"
+        ));
+        let problems = validate(&cfg);
+        assert!(problem(&problems, "broker.users[0].publish[0]")
+            .message
+            .contains('#'));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let cfg = parse(&format!(
+            "{BASE}broker:\n  front: false\n  users:\n    - {{username: a, password: x, subscribe: [\"ok/#\"]}}\n"
+        ));
+        assert!(problem(&validate(&cfg), "broker.users[0].subscribe")
+            .message
+            .contains("front"));
     }
 
     #[test]

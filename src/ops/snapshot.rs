@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use super::registry::registry;
 use crate::forward::{ForwardCounters, LinkState};
+use crate::front::FrontCounters;
 use crate::sources::local::{now_ms, IntakeCounters};
 use crate::store::StoreHandle;
 
@@ -23,8 +24,10 @@ pub struct Telemetry {
     pub forward: Arc<ForwardCounters>,
     pub link: watch::Receiver<LinkState>,
     pub store: Option<StoreHandle>,
-    /// Ports devices connect to (for counting connected devices).
+    /// Ports devices connect to (for counting connected devices without the front).
     pub device_ports: Vec<u16>,
+    /// The MQTT front's counters, when it owns the device ports.
+    pub front: Option<Arc<FrontCounters>>,
     rates: Mutex<RateSampler>,
 }
 
@@ -46,6 +49,19 @@ pub struct Snapshot {
     pub devices_connected: Option<u64>,
     pub sensors: Vec<SensorStatus>,
     pub store: Option<StoreFile>,
+    /// The MQTT front (device connections): `None` when `broker.front` is off.
+    pub front: Option<FrontStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FrontStatus {
+    pub connections_total: u64,
+    /// Connections closed for a malformed packet, by reason.
+    pub malformed: BTreeMap<String, u64>,
+    /// Connections refused or closed by policy (auth, ACL, limits, timeouts), by reason.
+    pub refused: BTreeMap<String, u64>,
+    /// MQTT 5 publishes whose properties were removed to protect 3.1.1 subscribers.
+    pub properties_stripped: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -114,6 +130,7 @@ impl Telemetry {
         link: watch::Receiver<LinkState>,
         store: Option<StoreHandle>,
         device_ports: Vec<u16>,
+        front: Option<Arc<FrontCounters>>,
     ) -> Telemetry {
         Telemetry {
             gateway_id,
@@ -123,13 +140,23 @@ impl Telemetry {
             link,
             store,
             device_ports,
+            front,
             rates: Mutex::new(RateSampler::default()),
         }
     }
 
+    /// Device messages taken for forwarding: by the front when it runs, else by the intake.
+    fn mqtt_in(&self) -> u64 {
+        let front = self.front.as_ref().map_or(0, |f| {
+            f.held.load(Ordering::Relaxed)
+                + f.stored_qos0.load(Ordering::Relaxed)
+                + f.wills_stored.load(Ordering::Relaxed)
+        });
+        self.intake.taken.load(Ordering::Relaxed) + front
+    }
+
     fn totals(&self) -> (u64, u64) {
-        let taken =
-            self.intake.taken.load(Ordering::Relaxed) + registry().sum("messages_in_total", None);
+        let taken = self.mqtt_in() + registry().sum("messages_in_total", None);
         (taken, self.forward.forwarded.load(Ordering::Relaxed))
     }
 
@@ -172,10 +199,7 @@ impl Telemetry {
         };
         let reg = registry();
         let mut messages_in = BTreeMap::new();
-        messages_in.insert(
-            "mqtt".to_string(),
-            self.intake.taken.load(Ordering::Relaxed),
-        );
+        messages_in.insert("mqtt".to_string(), self.mqtt_in());
         for source in ["gpio", "serial"] {
             messages_in.insert(
                 source.to_string(),
@@ -250,9 +274,26 @@ impl Telemetry {
                 .clone(),
             messages_in,
             dropped,
-            devices_connected: established_on(&self.device_ports),
+            devices_connected: match &self.front {
+                Some(f) => Some(f.open.load(Ordering::Relaxed) as u64),
+                None => established_on(&self.device_ports),
+            },
             sensors,
             store,
+            front: self.front.as_ref().map(|f| FrontStatus {
+                connections_total: f.connections.load(Ordering::Relaxed),
+                malformed: f
+                    .malformed()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| (k.to_string(), n))
+                    .collect(),
+                refused: f
+                    .refused()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| (k.to_string(), n))
+                    .collect(),
+                properties_stripped: f.properties_stripped.load(Ordering::Relaxed),
+            }),
         }
     }
 }
@@ -390,6 +431,23 @@ impl Snapshot {
                 sn.kind, sn.name, sn.readings
             ));
         }
+        if let Some(f) = &self.front {
+            let closed: Vec<String> = f
+                .malformed
+                .iter()
+                .chain(&f.refused)
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            line(format!(
+                "front:    {} connections since start; closed: {}",
+                f.connections_total,
+                if closed.is_empty() {
+                    "none".to_string()
+                } else {
+                    closed.join(", ")
+                }
+            ));
+        }
         if let Some(st) = &self.store {
             let free = st
                 .free_disk_bytes
@@ -512,6 +570,36 @@ impl Snapshot {
                 "gauge",
                 "Established connections on the broker's device ports.",
                 &one(n as f64),
+            );
+        }
+        if let Some(f) = &self.front {
+            metric(
+                "front_connections_total",
+                "counter",
+                "Device connections accepted by the MQTT front.",
+                &one(f.connections_total as f64),
+            );
+            let closed: Vec<(String, f64)> = f
+                .malformed
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        format!("{{kind=\"malformed\",reason=\"{}\"}}", escape(k)),
+                        *v as f64,
+                    )
+                })
+                .chain(f.refused.iter().map(|(k, v)| {
+                    (
+                        format!("{{kind=\"refused\",reason=\"{}\"}}", escape(k)),
+                        *v as f64,
+                    )
+                }))
+                .collect();
+            metric(
+                "front_closed_total",
+                "counter",
+                "Device connections the front closed or refused, by kind and reason.",
+                &closed,
             );
         }
         if let Some(st) = &self.store {

@@ -25,7 +25,7 @@
 //! states and confirm them, every reading still queued is committed and published, then the
 //! stage returns and the intake stops after it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -139,6 +139,15 @@ fn consume(counts: &mut std::collections::HashMap<u64, u32>, k: u64) -> bool {
         }
         None => false,
     }
+}
+
+/// Whether a local-link intake stores what passes through the broker (the MQTT front off).
+/// With the front on there is no such intake, and nothing needs to recognise our readings.
+static INTAKE_STORES_LOCAL: AtomicBool = AtomicBool::new(true);
+
+/// Tells the hardware stage whether a local-link intake runs (see [`already_stored`]).
+pub fn set_intake_stores_local(on: bool) {
+    INTAKE_STORES_LOCAL.store(on, Ordering::Relaxed);
 }
 
 /// Whether a message arriving through the broker is a reading the hardware stage already stored
@@ -443,7 +452,7 @@ async fn drive_link(
         tokio::select! {
             r = publish.recv() => {
                 let Some((r, stored)) = r else { return Ok(()) };
-                if stored {
+                if stored && INTAKE_STORES_LOCAL.load(Ordering::Relaxed) {
                     // Registered just before it enters the broker, so the intake knows it.
                     StoredReadings::global().register(r.topic.as_bytes(), &r.payload);
                 }

@@ -160,14 +160,7 @@ impl LocalIntake {
         self.counters.taken.fetch_add(1, Ordering::Relaxed);
         // The route cache validated the topic as UTF-8.
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        batch.push(NewMessage {
-            priority: rule.priority,
-            qos: rule.qos,
-            retain: rule.retain,
-            topic,
-            payload: publish.payload,
-            created_ms: now_ms(),
-        });
+        batch.push(rule.row(topic, publish.payload));
     }
 
     /// Hands the batch to the store without waiting for the commit: the store thread batches,
@@ -201,11 +194,36 @@ struct Route {
     subscription: Option<usize>,
 }
 
-#[derive(Clone, Copy)]
-struct RuleSettings {
+/// What a forward rule makes of a local message: the store row's settings. Shared by this
+/// intake and the front (`crate::front`), so both queue identical rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleSettings {
     priority: u8,
     qos: u8,
     retain: bool,
+}
+
+impl RuleSettings {
+    /// The settings of the first forward rule matching `topic`, if any.
+    pub fn for_topic(uplink: &UplinkConfig, topic: &str) -> Option<RuleSettings> {
+        uplink.match_rule(topic).map(|(_, r)| RuleSettings {
+            priority: r.priority,
+            qos: r.qos,
+            retain: r.retain,
+        })
+    }
+
+    /// The store row for a message on `topic`, received now.
+    pub fn row(&self, topic: String, payload: bytes::Bytes) -> NewMessage {
+        NewMessage {
+            priority: self.priority,
+            qos: self.qos,
+            retain: self.retain,
+            topic,
+            payload,
+            created_ms: now_ms(),
+        }
+    }
 }
 
 /// Topic → route cache, and the rumqttd log offsets seen per subscription.
@@ -243,11 +261,7 @@ impl Routes {
             return *r;
         }
         let route = std::str::from_utf8(topic).ok().map(|t| Route {
-            rule: uplink.match_rule(t).map(|(_, r)| RuleSettings {
-                priority: r.priority,
-                qos: r.qos,
-                retain: r.retain,
-            }),
+            rule: RuleSettings::for_topic(uplink, t),
             subscription: self
                 .subscriptions
                 .iter()

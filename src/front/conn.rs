@@ -1,0 +1,808 @@
+//! One device connection: CONNECT handling, then the two directions.
+//!
+//! Device → broker is a FIFO: each packet is an entry; a held PUBLISH's entry carries the
+//! [`PendingCommit`] of its row, and no entry is written to rumqttd before every entry ahead of
+//! it. Broker → device is a plain byte copy.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::packet::{self, ConnectError, Frame, Malformed};
+use super::{props, Acl, Refusal, Shared};
+use crate::sources::local::RuleSettings;
+use crate::store::{Durability, PendingCommit};
+
+/// Packets read from the device and not yet written to rumqttd: beyond this the front stops
+/// reading, and TCP pushes back on the device.
+const MAX_QUEUED: usize = 1024;
+/// The same bound in bytes (a few large held messages must not cost megabytes each).
+const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
+/// Distinct topics whose route and ACL verdict a connection remembers.
+const TOPIC_CACHE_MAX: usize = 1024;
+/// rumqttd's topic alias maximum (its CONNACK announces 4096).
+const MAX_TOPIC_ALIAS: u16 = 4096;
+/// How long rumqttd gets to finish with a connection after the device's DISCONNECT.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+/// Keep-alive 0 ("never time out") becomes this: rumqttd refuses 0 and cuts a client after
+/// 1.5 × keep-alive without traffic (65535 s: about 27 hours).
+const KEEP_ALIVE_FOR_ZERO: u16 = u16::MAX;
+
+/// Why a connection ended.
+enum Close {
+    Malformed(Malformed),
+    Refused(Refusal),
+    Io(std::io::Error),
+}
+
+impl From<Malformed> for Close {
+    fn from(m: Malformed) -> Self {
+        Close::Malformed(m)
+    }
+}
+
+impl From<std::io::Error> for Close {
+    fn from(e: std::io::Error) -> Self {
+        Close::Io(e)
+    }
+}
+
+/// How the device side ended without an error.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    /// DISCONNECT (normal: rumqttd drops the will).
+    Disconnect,
+    /// MQTT 5 DISCONNECT 0x04: the will is published.
+    DisconnectWithWill,
+    /// EOF without DISCONNECT: rumqttd publishes the will.
+    DeviceGone,
+    /// rumqttd closed its side.
+    BrokerGone,
+    Shutdown,
+}
+
+pub(super) async fn serve<R, W>(
+    shared: &Shared,
+    dev_rd: R,
+    dev_wr: W,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // A device stuck in a reconnect loop must not flood the journal: one line a second at most
+    // (the counters count them all).
+    let log_now = || {
+        shared
+            .log_limit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow()
+    };
+    match run(shared, dev_rd, dev_wr, peer, cancel).await {
+        Ok(()) => {}
+        Err(Close::Malformed(m)) => {
+            shared.counters.count_malformed(m);
+            if log_now() {
+                tracing::info!(%peer, reason = m.name(), "malformed packet: connection closed");
+            }
+        }
+        Err(Close::Refused(r)) => {
+            shared.counters.count_refused(r);
+            if log_now() {
+                tracing::info!(%peer, reason = r.name(), "connection refused");
+            }
+        }
+        Err(Close::Io(e)) => tracing::debug!(%peer, error = %e, "connection ended"),
+    }
+}
+
+/// Reads one whole packet; `None` on EOF before it.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<(Frame, Bytes)>, Close> {
+    loop {
+        if let Some(f) = packet::frame(buf, max)? {
+            return Ok(Some((f, buf.split_to(f.len).freeze())));
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// CONNACK refusing a connection, in the device's protocol version.
+fn connack(level: u8, code_v4: u8, code_v5: u8) -> &'static [u8] {
+    match (level, code_v4, code_v5) {
+        (5, _, 0x86) => &[0x20, 3, 0, 0x86, 0],
+        (5, _, 0x87) => &[0x20, 3, 0, 0x87, 0],
+        (5, _, _) => &[0x20, 3, 0, 0x88, 0],
+        (_, 1, _) => &[0x20, 2, 0, 1],
+        (_, 4, _) => &[0x20, 2, 0, 4],
+        (_, 5, _) => &[0x20, 2, 0, 5],
+        _ => &[0x20, 2, 0, 3],
+    }
+}
+
+/// The will rumqttd will publish if the device goes away, when it is on a forwarded topic.
+struct StoredWill {
+    topic: String,
+    payload: Bytes,
+    rule: RuleSettings,
+}
+
+async fn run<R, W>(
+    shared: &Shared,
+    mut dev_rd: R,
+    mut dev_wr: W,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+) -> Result<(), Close>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let first = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        r = tokio::time::timeout(shared.connect_timeout, read_frame(&mut dev_rd, &mut rbuf, shared.max_remaining)) => r,
+    };
+    let (f, pkt) = match first {
+        Err(_) => return Err(Close::Refused(Refusal::ConnectTimeout)),
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+    };
+    let c = match packet::connect(&pkt, &f) {
+        Ok(c) => c,
+        Err(ConnectError::Level(_)) => {
+            let _ = dev_wr.write_all(connack(4, 1, 0)).await;
+            return Err(Close::Refused(Refusal::UnsupportedProtocol));
+        }
+        Err(ConnectError::Malformed(m)) => return Err(m.into()),
+    };
+    let level = c.level;
+
+    // Authentication: the configured users; anonymous only when there are none.
+    let acl = if shared.users.is_empty() {
+        Acl::default()
+    } else {
+        let user = c.username.and_then(|u| shared.users.get(u));
+        match (user, c.password) {
+            (Some(u), Some(p)) if same_secret(u.password.as_bytes(), p) => u.acl.clone(),
+            _ => {
+                let _ = dev_wr.write_all(connack(level, 4, 0x86)).await;
+                return Err(Close::Refused(Refusal::BadCredentials));
+            }
+        }
+    };
+    if let Some(w) = &c.will {
+        if !acl.may_publish(w.topic) {
+            let _ = dev_wr.write_all(connack(level, 5, 0x87)).await;
+            return Err(Close::Refused(Refusal::NotAuthorized));
+        }
+    }
+    let will = c.will.as_ref().and_then(|w| {
+        let durable = shared.durable.as_ref()?;
+        let rule = RuleSettings::for_topic(&durable.uplink.get(), w.topic)?;
+        Some(StoredWill {
+            topic: w.topic.to_string(),
+            payload: Bytes::copy_from_slice(w.payload),
+            rule,
+        })
+    });
+
+    // The CONNECT as rumqttd gets it: will properties removed (see `props`), keep-alive 0 made
+    // 65535 in place.
+    let mut connect_bytes = match c.will.as_ref().and_then(|w| w.properties.clone()) {
+        Some(block) => {
+            shared
+                .counters
+                .properties_stripped
+                .fetch_add(1, Ordering::Relaxed);
+            packet::splice(&pkt, &f, &[(block.clone(), &[0])])
+        }
+        None => pkt.to_vec(),
+    };
+    if c.keep_alive == 0 {
+        // The keep-alive sits before the will, at the same distance from the end of the fixed
+        // header, whose length splicing may have changed.
+        let at = c.keep_alive_at - f.header_len + header_len(&connect_bytes);
+        connect_bytes[at..at + 2].copy_from_slice(&KEEP_ALIVE_FOR_ZERO.to_be_bytes());
+    }
+    let internal = if level == 5 {
+        shared.internal.v5
+    } else {
+        shared.internal.v4
+    };
+    let broker =
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(internal)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                let _ = dev_wr.write_all(connack(level, 3, 0x88)).await;
+                return Err(Close::Refused(Refusal::BrokerUnavailable));
+            }
+        };
+    let _ = broker.set_nodelay(true);
+    let (mut broker_rd, mut broker_wr) = broker.into_split();
+    broker_wr.write_all(&connect_bytes).await?;
+    tracing::debug!(%peer, client_id = c.client_id, level, "device connected through the front");
+
+    let fixups = Fixups::default();
+    let (answers, answers_rx) = tokio::sync::mpsc::channel(16);
+    let device = DeviceSide {
+        rd: &mut dev_rd,
+        rbuf,
+        answers,
+    };
+    let mut d2b = std::pin::pin!(device_to_broker(
+        shared,
+        level,
+        &acl,
+        &fixups,
+        device,
+        &mut broker_wr,
+    ));
+    let mut b2d = Box::pin(broker_to_device(
+        &mut broker_rd,
+        &mut dev_wr,
+        level,
+        &fixups,
+        answers_rx,
+    ));
+    let ended = tokio::select! {
+        r = &mut d2b => r,
+        _ = &mut b2d => Ok(Ended::BrokerGone),
+        _ = cancel.cancelled() => Ok(Ended::Shutdown),
+    };
+    let ended = match ended {
+        Ok(e) => e,
+        Err(Close::Refused(Refusal::NotAuthorized)) if level == 5 => {
+            // Best effort: a v5 device learns why (DISCONNECT 0x87, not authorized). rumqttd
+            // publishes the will, as for any connection closed without DISCONNECT.
+            drop(b2d);
+            let _ = dev_wr.write_all(&[0xe0, 1, 0x87]).await;
+            store_will(shared, will);
+            return Err(Close::Refused(Refusal::NotAuthorized));
+        }
+        Err(e) => {
+            store_will(shared, will);
+            return Err(e);
+        }
+    };
+    match ended {
+        Ended::Disconnect => {
+            // Let rumqttd read the DISCONNECT and close its side before ours goes away (see
+            // `device_to_broker`).
+            let _ = tokio::time::timeout(DISCONNECT_GRACE, &mut b2d).await;
+        }
+        Ended::DisconnectWithWill => {
+            store_will(shared, will);
+            let _ = tokio::time::timeout(DISCONNECT_GRACE, &mut b2d).await;
+        }
+        Ended::DeviceGone | Ended::BrokerGone => store_will(shared, will),
+        Ended::Shutdown => {
+            // The gateway is stopping: both sockets stay open until the process exits, as they
+            // would without the front. Closing the loopback side now would make rumqttd publish
+            // every device's will to local subscribers while the gateway shuts down.
+            std::future::pending::<()>().await;
+        }
+    }
+    Ok(())
+}
+
+/// Compares a password without an early exit on the first differing byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Copies rumqttd's packets to the device, whole packets per write. Decodes only fixed headers
+/// (to keep packet boundaries) and the SUBACKs the front must complete ([`Fixup`]); writes the
+/// front's own answers between packets.
+async fn broker_to_device<R, W>(
+    broker_rd: &mut R,
+    dev_wr: &mut W,
+    level: u8,
+    fixups: &Fixups,
+    mut answers: tokio::sync::mpsc::Receiver<Bytes>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        tokio::select! {
+            biased;
+            Some(answer) = answers.recv() => dev_wr.write_all(&answer).await?,
+            n = broker_rd.read_buf(&mut buf) => {
+                if n? == 0 {
+                    return Ok(());
+                }
+                // Whole packets go out as they are, up to the first SUBACK to complete.
+                let mut at = 0;
+                loop {
+                    let f = match packet::frame(&buf[at..], usize::MAX) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        // rumqttd does not send malformed packets; should it, they pass as bytes.
+                        Err(_) => {
+                            at = buf.len();
+                            break;
+                        }
+                    };
+                    if f.kind() == 9 {
+                        let pkt = &buf[at..at + f.len];
+                        let fix = packet::packet_id(pkt, &f).and_then(|id| {
+                            fixups.lock().unwrap_or_else(|e| e.into_inner()).remove(&id)
+                        });
+                        if let Some(fix) = fix {
+                            let code = if level == 5 { 0x87 } else { 0x80 };
+                            dev_wr.write_all(&buf[..at]).await?;
+                            let whole = packet::suback_with_denied(pkt, &f, level, fix.total, &fix.denied, code);
+                            dev_wr.write_all(whole.as_deref().unwrap_or(pkt)).await?;
+                            let _ = buf.split_to(at + f.len);
+                            at = 0;
+                            continue;
+                        }
+                    }
+                    at += f.len;
+                }
+                if at > 0 {
+                    dev_wr.write_all(&buf[..at]).await?;
+                    let _ = buf.split_to(at);
+                }
+            }
+        }
+    }
+}
+
+/// Length of the fixed header of a whole packet in `buf`.
+fn header_len(buf: &[u8]) -> usize {
+    1 + buf[1..]
+        .iter()
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map_or(4, |i| i + 1)
+}
+
+/// rumqttd publishes the will of a device that went away; with the front on, nothing else
+/// would store it.
+fn store_will(shared: &Shared, will: Option<StoredWill>) {
+    let (Some(w), Some(d)) = (will, shared.durable.as_ref()) else {
+        return;
+    };
+    shared.counters.wills_stored.fetch_add(1, Ordering::Relaxed);
+    drop(
+        d.store
+            .append(vec![w.rule.row(w.topic, w.payload)], Durability::Now),
+    );
+}
+
+/// A packet on its way to rumqttd.
+struct Entry {
+    bytes: Bytes,
+    /// Set for a held PUBLISH until its row committed.
+    commit: Option<PendingCommit>,
+    /// An answer of the front itself (a SUBACK refusing every filter): goes to the device.
+    to_device: bool,
+}
+
+/// A SUBSCRIBE the front cut down to its allowed filters: rumqttd's SUBACK gets the failure
+/// codes of the denied ones back in their places.
+struct Fixup {
+    total: usize,
+    denied: Vec<usize>,
+}
+
+/// Per connection, by packet identifier.
+type Fixups = std::sync::Mutex<HashMap<u16, Fixup>>;
+
+/// Route and ACL verdict of one topic, cached per connection.
+#[derive(Clone, Copy)]
+struct TopicInfo {
+    rule: Option<RuleSettings>,
+    allowed: bool,
+}
+
+/// What one device packet becomes.
+enum Action {
+    Forward(Entry),
+    /// A QoS 1/2 PUBLISH whose row was queued in `DeviceState::rows`: held until it commits.
+    Held(Bytes),
+    /// DISCONNECT: forward it, then end (`true`: MQTT 5 reason 0x04, publish the will).
+    Disconnect(Entry, bool),
+}
+
+struct DeviceState<'a> {
+    shared: &'a Shared,
+    level: u8,
+    acl: &'a Acl,
+    fixups: &'a Fixups,
+    topics: HashMap<Bytes, TopicInfo>,
+    /// The rules generation `topics` was filled under.
+    rules_generation: Option<u64>,
+    aliases: HashMap<u16, Bytes>,
+    /// Rows of the packets parsed since the last append.
+    rows: Vec<crate::store::NewMessage>,
+}
+
+/// The device's side of a connection, for `device_to_broker`.
+struct DeviceSide<'a, R> {
+    rd: &'a mut R,
+    rbuf: BytesMut,
+    /// The front's own answers, written by `broker_to_device`.
+    answers: tokio::sync::mpsc::Sender<Bytes>,
+}
+
+async fn device_to_broker<R, W>(
+    shared: &Shared,
+    level: u8,
+    acl: &Acl,
+    fixups: &Fixups,
+    device: DeviceSide<'_, R>,
+    broker_wr: &mut W,
+) -> Result<Ended, Close>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let DeviceSide {
+        rd: dev_rd,
+        mut rbuf,
+        answers,
+    } = device;
+    let mut st = DeviceState {
+        shared,
+        level,
+        acl,
+        fixups,
+        topics: HashMap::new(),
+        rules_generation: shared.durable.as_ref().map(|d| d.uplink.generation()),
+        aliases: HashMap::new(),
+        rows: Vec::new(),
+    };
+    let mut fifo: VecDeque<Entry> = VecDeque::new();
+    let mut out = BytesMut::new();
+    let mut to_device: Vec<Bytes> = Vec::new();
+    // Set once the device sent DISCONNECT or closed: the FIFO is drained, then the loop ends.
+    let mut end: Option<Ended> = None;
+    let mut queued_bytes = 0usize;
+    loop {
+        // Every packet already read is parsed; the rows among them go to the store as one
+        // append, whose commit the first held PUBLISH carries.
+        let mut first_held: Option<usize> = None;
+        while end.is_none() && fifo.len() < MAX_QUEUED && queued_bytes < MAX_QUEUED_BYTES {
+            let Some(f) = packet::frame(&rbuf, shared.max_remaining)? else {
+                break;
+            };
+            let pkt = rbuf.split_to(f.len).freeze();
+            match st.handle(pkt, &f).await? {
+                Action::Forward(e) => {
+                    queued_bytes += e.bytes.len();
+                    fifo.push_back(e);
+                }
+                Action::Held(bytes) => {
+                    // Until the append below, a held entry's commit is unset; the entry is
+                    // released only once that commit resolves, so nothing overtakes it.
+                    first_held.get_or_insert(fifo.len());
+                    queued_bytes += bytes.len();
+                    fifo.push_back(Entry {
+                        bytes,
+                        commit: None,
+                        to_device: false,
+                    });
+                }
+                Action::Disconnect(e, with_will) => {
+                    queued_bytes += e.bytes.len();
+                    fifo.push_back(e);
+                    end = Some(if with_will {
+                        Ended::DisconnectWithWill
+                    } else {
+                        Ended::Disconnect
+                    });
+                }
+            }
+        }
+        st.append_rows(first_held.and_then(|i| fifo.get_mut(i)));
+        // Pass on everything ready at the head, in one write.
+        while let Some(head) = fifo.front_mut() {
+            if let Some(commit) = head.commit.as_mut() {
+                match poll_now(commit) {
+                    Poll::Ready(r) => committed(r)?,
+                    Poll::Pending => break,
+                }
+            }
+            let e = fifo.pop_front().expect("front exists");
+            queued_bytes -= e.bytes.len();
+            if e.to_device {
+                to_device.push(e.bytes);
+            } else {
+                out.extend_from_slice(&e.bytes);
+            }
+        }
+        if !out.is_empty() {
+            broker_wr.write_all(&out).await?;
+            out.clear();
+        }
+        for b in to_device.drain(..) {
+            // The broker-to-device side has ended when this fails: so does the connection.
+            if answers.send(b).await.is_err() {
+                return Ok(Ended::BrokerGone);
+            }
+        }
+        if fifo.is_empty() {
+            if let Some(e) = end.take() {
+                // After a DISCONNECT the socket stays open until rumqttd closes it: a FIN right
+                // behind the DISCONNECT can make rumqttd's link report a second disconnect for
+                // its connection id after the router already handed that id to a new client,
+                // which then gets cut (measured: a client lost its CONNACK'd connection in about
+                // one run of six of the paho interop script).
+                return Ok(e);
+            }
+        }
+        let can_read = end.is_none() && fifo.len() < MAX_QUEUED && queued_bytes < MAX_QUEUED_BYTES;
+        tokio::select! {
+            r = head_commit(&mut fifo) => committed(r)?,
+            n = dev_rd.read_buf(&mut rbuf), if can_read => {
+                if n? == 0 {
+                    // Held messages already committed are still passed on: local subscribers
+                    // get what the store got.
+                    end = Some(Ended::DeviceGone);
+                }
+            }
+        }
+    }
+}
+
+/// A commit's result: a store failure closes the connection without passing the message on
+/// (the device never gets its PUBACK and sends it again). A row dropped by the store's
+/// `when_full` policy was counted there and is passed on like before the front.
+fn committed(
+    r: Result<crate::store::AppendOutcome, crate::store::StoreError>,
+) -> Result<(), Close> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "store append failed: device connection closed, its message not acknowledged");
+            Err(Close::Refused(Refusal::StoreFailed))
+        }
+    }
+}
+
+/// Resolves with the head entry's commit (and clears it); never when the head is not held.
+async fn head_commit(
+    fifo: &mut VecDeque<Entry>,
+) -> Result<crate::store::AppendOutcome, crate::store::StoreError> {
+    match fifo.front_mut().and_then(|e| e.commit.as_mut()) {
+        Some(c) => {
+            let r = c.await;
+            if let Some(e) = fifo.front_mut() {
+                e.commit = None;
+            }
+            r
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Polls a future once without a waker: whether it is already done.
+fn poll_now<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+    Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
+}
+
+impl DeviceState<'_> {
+    async fn handle(&mut self, pkt: Bytes, f: &Frame) -> Result<Action, Close> {
+        let plain = |bytes| {
+            Action::Forward(Entry {
+                bytes,
+                commit: None,
+                to_device: false,
+            })
+        };
+        match f.kind() {
+            packet::PUBLISH => self.publish(pkt, f),
+            packet::SUBSCRIBE | packet::UNSUBSCRIBE => {
+                let filters = packet::filters(&pkt, f, self.level)?;
+                if f.kind() == packet::UNSUBSCRIBE {
+                    return Ok(plain(pkt));
+                }
+                let denied: Vec<usize> = (0..filters.len())
+                    .filter(|&i| !self.acl.may_subscribe(filters[i].0))
+                    .collect();
+                if self.level == 4 {
+                    let mut new = false;
+                    for (i, (fl, _)) in filters.iter().enumerate() {
+                        if !denied.contains(&i) {
+                            new |= self.shared.v4_filters.register(fl);
+                        }
+                    }
+                    if new {
+                        tokio::time::sleep(props::NEW_V4_FILTER_DELAY).await;
+                    }
+                }
+                if denied.is_empty() {
+                    return Ok(plain(pkt));
+                }
+                // Denied filters get a failure code in the SUBACK (3.1.1: 0x80, 5: 0x87 not
+                // authorized); rumqttd sees only the allowed ones.
+                let pkid = packet::packet_id(&pkt, f).ok_or(Malformed::Truncated)?;
+                let code = if self.level == 5 { 0x87 } else { 0x80 };
+                if denied.len() == filters.len() {
+                    let codes = vec![code; filters.len()];
+                    return Ok(Action::Forward(Entry {
+                        bytes: Bytes::from(packet::suback(pkid, self.level, &codes)),
+                        commit: None,
+                        to_device: true,
+                    }));
+                }
+                let edits: Vec<(std::ops::Range<usize>, &[u8])> = denied
+                    .iter()
+                    .map(|&i| (filters[i].1.clone(), &[][..]))
+                    .collect();
+                let allowed = Bytes::from(packet::splice(&pkt, f, &edits));
+                self.fixups
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(
+                        pkid,
+                        Fixup {
+                            total: filters.len(),
+                            denied,
+                        },
+                    );
+                Ok(plain(allowed))
+            }
+            packet::DISCONNECT => {
+                packet::check_other(&pkt, f, self.level)?;
+                let with_will = self.level == 5 && pkt.get(f.header_len) == Some(&0x04);
+                Ok(Action::Disconnect(
+                    Entry {
+                        bytes: pkt,
+                        commit: None,
+                        to_device: false,
+                    },
+                    with_will,
+                ))
+            }
+            _ => {
+                packet::check_other(&pkt, f, self.level)?;
+                Ok(plain(pkt))
+            }
+        }
+    }
+
+    fn publish(&mut self, pkt: Bytes, f: &Frame) -> Result<Action, Close> {
+        let p = packet::publish(&pkt, f, self.level)?;
+        let alias = p.properties.as_ref().and_then(|pr| pr.topic_alias);
+        if alias.is_some_and(|a| a > MAX_TOPIC_ALIAS) {
+            return Err(Malformed::BadTopicAlias.into());
+        }
+        let topic: Bytes = match (p.topic.is_empty(), alias) {
+            (false, Some(a)) => {
+                let t = pkt.slice(p.topic.clone());
+                self.aliases.insert(a, t.clone());
+                t
+            }
+            (false, None) => pkt.slice(p.topic.clone()),
+            (true, Some(a)) => self
+                .aliases
+                .get(&a)
+                .cloned()
+                .ok_or(Malformed::BadTopicAlias)?,
+            (true, None) => return Err(Malformed::BadTopic.into()),
+        };
+        let info = self.topic_info(&topic);
+        if !info.allowed {
+            return Err(Close::Refused(Refusal::NotAuthorized));
+        }
+        let topic_str = std::str::from_utf8(&topic).map_err(|_| Malformed::BadTopic)?;
+
+        // The bytes rumqttd gets: the original, unless properties must go (see `props`) or an
+        // alias stands for the topic (rumqttd is given the topic, so it never depends on an
+        // alias the front might have had to strip).
+        let has_props = p.properties.as_ref().is_some_and(|pr| !pr.is_empty());
+        let strip = props::must_strip(has_props, p.retain, || {
+            self.shared.v4_filters.reaches_v4(topic_str)
+        });
+        let bytes = if strip || p.topic.is_empty() {
+            let mut field = Vec::with_capacity(topic.len() + 2);
+            field.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+            field.extend_from_slice(&topic);
+            let mut edits: Vec<(std::ops::Range<usize>, &[u8])> =
+                vec![(p.topic_field.clone(), &field)];
+            if strip {
+                self.shared
+                    .counters
+                    .properties_stripped
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(pr) = &p.properties {
+                    edits.push((pr.block.clone(), &[0]));
+                }
+            }
+            Bytes::from(packet::splice(&pkt, f, &edits))
+        } else {
+            pkt.clone()
+        };
+
+        let (Some(rule), true) = (info.rule, self.shared.durable.is_some()) else {
+            return Ok(Action::Forward(Entry {
+                bytes,
+                commit: None,
+                to_device: false,
+            }));
+        };
+        self.rows
+            .push(rule.row(topic_str.to_string(), pkt.slice(p.payload.clone())));
+        if p.qos == 0 {
+            self.shared
+                .counters
+                .stored_qos0
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Action::Forward(Entry {
+                bytes,
+                commit: None,
+                to_device: false,
+            }));
+        }
+        self.shared.counters.held.fetch_add(1, Ordering::Relaxed);
+        Ok(Action::Held(bytes))
+    }
+
+    /// Hands the rows of the packets just read to the store as one append (one transaction).
+    /// `first_held` is the FIFO entry of the first held PUBLISH among them: it carries the
+    /// commit, and the held ones after it are released with it, being in the same transaction.
+    fn append_rows(&mut self, first_held: Option<&mut Entry>) {
+        let Some(durable) = self.shared.durable.as_ref() else {
+            return;
+        };
+        if self.rows.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(&mut self.rows);
+        match first_held {
+            Some(entry) => entry.commit = Some(durable.store.append(rows, Durability::Now)),
+            // QoS 0 only: nobody waits, the store may batch them with later rows.
+            None => drop(durable.store.append(rows, Durability::Linger)),
+        }
+    }
+
+    fn topic_info(&mut self, topic: &Bytes) -> TopicInfo {
+        // A reload may have changed the forward rules: cached verdicts are then stale.
+        let generation = self.shared.durable.as_ref().map(|d| d.uplink.generation());
+        if generation != self.rules_generation {
+            self.topics.clear();
+            self.rules_generation = generation;
+        }
+        if let Some(i) = self.topics.get(topic) {
+            return *i;
+        }
+        let text = std::str::from_utf8(topic).unwrap_or("");
+        let info = TopicInfo {
+            rule: self
+                .shared
+                .durable
+                .as_ref()
+                .and_then(|d| RuleSettings::for_topic(&d.uplink.get(), text)),
+            allowed: self.acl.may_publish(text),
+        };
+        if self.topics.len() >= TOPIC_CACHE_MAX {
+            self.topics.clear();
+        }
+        // A copy: the key must not keep the whole packet's buffer alive.
+        self.topics.insert(Bytes::copy_from_slice(topic), info);
+        info
+    }
+}
