@@ -30,10 +30,12 @@ tests/bench/puback-window.sh 10 1000 >"$OUT/window-1000.txt"
 tests/bench/idle.sh "${IDLE_S:-60}" >"$OUT/idle.txt"
 # 6. RSS and disk as the backlog grows to 1M (CSV per edge and backlog-growth.svg in $OUT).
 OUT_DIR=$OUT tests/bench/backlog-growth.sh "${BACKLOG_N:-1000000}" >"$OUT/backlog-growth.txt"
+# 7. The MQTT front vs rumqttd's own listener: PUBACK rate and latency, CPU, 1 and 50 connections.
+tests/bench/front-compare.sh "${FRONT_REPEATS:-3}" release >"$OUT/front-compare.jsonl"
 date -u +%FT%TZ >"$OUT/done"
 
 python3 tests/bench/report.py "$OUT/edgegate.jsonl" "$OUT/mosquitto.jsonl"
 python3 tests/bench/loadgen-report.py "$OUT/loadgen.jsonl"
 tail -n 1 "$OUT/window-fullspeed.txt" "$OUT/window-1000.txt"
 cat "$OUT/drain.jsonl"
-cat "$OUT/idle.txt" "$OUT/backlog-growth.txt"
+cat "$OUT/idle.txt" "$OUT/backlog-growth.txt" "$OUT/front-compare.jsonl"
