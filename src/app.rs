@@ -536,7 +536,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
     }
     listeners.abort_all();
     let counts = (
-        shared.intake_counters.received.load(Ordering::Relaxed),
+        telemetry.mqtt_in(),
         shared.forward_counters.forwarded.load(Ordering::Relaxed),
     );
     // ─── MQTT front: its totals at exit ───
@@ -554,7 +554,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         );
     }
     tracing::info!(
-        received = counts.0,
+        taken_from_devices = counts.0,
         forwarded = counts.1,
         uptime_s = started.elapsed().as_secs(),
         "stopped"

@@ -146,7 +146,7 @@ impl Telemetry {
     }
 
     /// Device messages taken for forwarding: by the front when it runs, else by the intake.
-    fn mqtt_in(&self) -> u64 {
+    pub fn mqtt_in(&self) -> u64 {
         let front = self.front.as_ref().map_or(0, |f| {
             f.held.load(Ordering::Relaxed)
                 + f.stored_qos0.load(Ordering::Relaxed)
