@@ -347,7 +347,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
     ));
     crate::ops::registry::registry().retain_sensors(&configured_sensors(&cfg));
     for (kind, name) in configured_sensors(&cfg) {
-        crate::ops::registry::registry().sensor_configured(kind, &name);
+        crate::ops::registry::registry().sensor(kind, &name);
     }
     let ops_token = root.child_token();
     if let Some(path) = &cfg.status.socket {
@@ -427,7 +427,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
                         let keep = configured_sensors(&new_cfg);
                         crate::ops::registry::registry().retain_sensors(&keep);
                         for (kind, name) in keep {
-                            crate::ops::registry::registry().sensor_configured(kind, &name);
+                            crate::ops::registry::registry().sensor(kind, &name);
                         }
                         if new_cfg.status.stats_interval != cfg.status.stats_interval {
                             stats_timer = new_stats_timer(&new_cfg);

@@ -132,11 +132,10 @@ pub async fn run_input(
         }
     };
     let mut deb = Debouncer::new(initial, cfg.debounce.get(), Instant::now());
-    let pin = cfg.pin.to_string();
-    crate::ops::registry::registry().sensor_configured("gpio", &cfg.name);
+    let events = crate::ops::registry::GpioInputEvents::new(&cfg.name, &cfg.pin.to_string());
     let send = |state: bool, edge: Option<Edge>| {
         let now = clock.now_ms();
-        crate::ops::registry::gpio_reading(&cfg.name, &pin, edge.map(Edge::as_str), now);
+        events.reading(edge.map(Edge::as_str), now);
         Reading {
             topic: topic.clone(),
             payload: gpio_state(now, state, edge.map(Edge::as_str)).into(),

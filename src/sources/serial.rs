@@ -53,6 +53,7 @@ pub fn delimiter_of(cfg: &SerialPortConfig) -> Delimiter {
 /// every [`BAD_FRAME_LOG_EVERY`].
 struct BadFrames {
     port: String,
+    events: Arc<crate::ops::registry::SerialPortEvents>,
     total: BTreeMap<&'static str, u64>,
     since_log: u64,
     last_log: Option<Instant>,
@@ -61,7 +62,7 @@ struct BadFrames {
 impl BadFrames {
     fn count(&mut self, reason: &'static str, detail: &str, counters: &HardwareCounters) {
         counters.bad_frames.fetch_add(1, Ordering::Relaxed);
-        crate::ops::registry::serial_frame(&self.port, reason, 0);
+        self.events.frame_skipped(reason);
         let n = self.total.entry(reason).or_insert(0);
         *n += 1;
         self.since_log += 1;
@@ -96,7 +97,7 @@ pub async fn run_port(
     cancel: CancellationToken,
 ) {
     let topic = cfg.topic();
-    crate::ops::registry::registry().sensor_configured("serial", &cfg.name);
+    let events = Arc::new(crate::ops::registry::SerialPortEvents::new(&cfg.name));
     let format = format_of(&cfg);
     let delimiter = delimiter_of(&cfg);
     let delim_bytes: Vec<u8> = match &delimiter {
@@ -107,6 +108,7 @@ pub async fn run_port(
     let mut framer = Framer::new(delimiter, max);
     let mut bad = BadFrames {
         port: cfg.name.clone(),
+        events: events.clone(),
         total: BTreeMap::new(),
         since_log: 0,
         last_log: None,
@@ -135,7 +137,7 @@ pub async fn run_port(
             Err(e) => {
                 if failing_since.is_none() {
                     failing_since = Some(std::time::Instant::now());
-                    crate::ops::registry::serial_port_error(&cfg.name, "open_failed");
+                    events.port_error("open_failed");
                     tracing::warn!(port = %cfg.name, error = %e, "serial port unavailable; retrying with backoff (logged again once it is back)");
                 }
                 tokio::select! {
@@ -175,7 +177,7 @@ pub async fn run_port(
                                     continue;
                                 }
                             };
-                            crate::ops::registry::serial_frame(&cfg.name, "ok", clock.now_ms());
+                            events.frame_ok(clock.now_ms());
                             let reading = Reading { topic: topic.clone(), payload: payload.into(), retain: false };
                             if out.send(reading).await.is_err() {
                                 return;
@@ -195,7 +197,7 @@ pub async fn run_port(
             }
         };
         failing_since = Some(std::time::Instant::now());
-        crate::ops::registry::serial_port_error(&cfg.name, "port_lost");
+        events.port_error("port_lost");
         tracing::warn!(port = %cfg.name, path = %what, reason = %lost, "serial port lost; reopening with backoff");
         drop(port);
         tokio::select! {
