@@ -390,7 +390,7 @@ impl Forwarder {
                     }
                     let Some(row) = buffer.pop_front() else { break };
                     let remote = topics.remote_topic(&self.uplink, &self.gateway_id, &row.topic);
-                    let id = is_v5.then(|| format!("{}/{}", self.gateway_id, row.id));
+                    let id = is_v5.then(|| format!("{}/{}", self.gateway_id, row.seq()));
                     let pkid = if row.qos == 0 {
                         0
                     } else {

@@ -51,10 +51,20 @@ pub use readonly::ReadOnlyStore;
 /// Bytes counted for every row on top of its topic and payload, against `max_bytes`.
 ///
 /// It approximates what SQLite spends per row besides those two: the rowid and record header
-/// (~12 B), the qos/retain/priority/created/size columns (~12 B), the cell pointer (2 B), and the
-/// `(priority, id)` index entry (~15 B). Rounded up to 64 so that a store
-/// of many tiny messages cannot outgrow its budget on disk by much.
+/// (~14 B), the topic id, flags, created and size columns (~12 B), the cell pointer (2 B), and a
+/// share of the page's free space. The topic text is charged in full although it is stored once
+/// per distinct topic, so a store of many tiny messages cannot outgrow its budget on disk.
 pub const ROW_OVERHEAD_BYTES: u64 = 64;
+
+/// Bits of a row id that hold the sequence number; the priority sits above them.
+const SEQ_BITS: u32 = 48;
+/// The sequence-number part of a row id (2^48: 89 years at 100 000 messages per second).
+pub const SEQ_MASK: i64 = (1 << SEQ_BITS) - 1;
+
+/// The row id of sequence number `seq` at `priority`: ascending ids are drain order.
+fn row_id(priority: u8, seq: i64) -> i64 {
+    ((255 - i64::from(priority)) << SEQ_BITS) | (seq & SEQ_MASK)
+}
 
 /// What `max_bytes` is charged for one message.
 pub fn row_bytes(topic: &str, payload: &[u8]) -> u64 {
@@ -74,8 +84,8 @@ pub struct NewMessage {
     pub created_ms: i64,
 }
 
-/// A committed row. `id` is stable for the row's lifetime and never reused, so it doubles as the
-/// upstream message id.
+/// A committed row. `id` is stable for the row's lifetime and never reused; its sequence number
+/// ([`StoredMessage::seq`]) is the upstream message id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredMessage {
     pub id: i64,
@@ -85,6 +95,14 @@ pub struct StoredMessage {
     pub retain: bool,
     pub priority: u8,
     pub created_ms: i64,
+}
+
+impl StoredMessage {
+    /// The row's sequence number: unique in this store, never reused, increasing in commit
+    /// order across priorities.
+    pub fn seq(&self) -> i64 {
+        self.id & SEQ_MASK
+    }
 }
 
 /// How soon an append must be committed.
@@ -556,6 +574,7 @@ impl Store {
             opened.conn,
             cfg,
             opened.totals,
+            opened.next_seq,
             committed_tx,
             health_tx,
             probes,

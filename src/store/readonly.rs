@@ -5,7 +5,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
-use rusqlite::OptionalExtension;
 
 use super::schema::{self, MESSAGE_COLUMNS};
 use super::worker::read_message;
@@ -49,8 +48,8 @@ impl ReadOnlyStore {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT priority, count(*), coalesce(sum(size), 0) FROM messages
-                 GROUP BY priority ORDER BY priority DESC",
+                "SELECT 255 - (id >> 48), count(*), coalesce(sum(size), 0) FROM messages
+                 GROUP BY 1 ORDER BY 1 DESC",
             )
             .map_err(sql)?;
         let per_priority: Vec<PriorityStats> = stmt
@@ -64,15 +63,8 @@ impl ReadOnlyStore {
             .map_err(sql)?
             .collect::<rusqlite::Result<_>>()
             .map_err(sql)?;
-        let oldest_created_ms: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT created_ms FROM messages ORDER BY id LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql)?;
+        let priorities: Vec<u8> = per_priority.iter().map(|p| p.priority).collect();
+        let oldest_created_ms = schema::oldest_created_ms(&self.conn, &priorities).map_err(sql)?;
         Ok(StoreStats {
             rows: per_priority.iter().map(|p| p.rows).sum(),
             bytes: per_priority.iter().map(|p| p.bytes).sum(),
@@ -98,7 +90,7 @@ impl ReadOnlyStore {
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages ORDER BY priority DESC, id ASC LIMIT ?1"
+                "SELECT {MESSAGE_COLUMNS} FROM queue ORDER BY id LIMIT ?1"
             ))
             .map_err(sql)?;
         let rows = stmt.query_map([limit], read_message).map_err(sql)?;
@@ -106,7 +98,7 @@ impl ReadOnlyStore {
         for row in rows {
             let m = row.map_err(sql)?;
             let mut obj = serde_json::Map::new();
-            obj.insert("id".into(), m.id.into());
+            obj.insert("id".into(), m.seq().into());
             obj.insert("topic".into(), m.topic.into());
             match std::str::from_utf8(&m.payload) {
                 Ok(text) => obj.insert("payload".into(), text.into()),

@@ -9,13 +9,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::StoreError;
 use crate::config::SyncMode;
 
-/// Bumped on any incompatible change; a newer file is refused, never quarantined.
-pub(super) const SCHEMA_VERSION: i64 = 1;
+/// Bumped on any incompatible change; a newer file is refused, never quarantined. Version 1
+/// files (AUTOINCREMENT ids, a `(priority, id)` index, the topic in every row) are migrated at
+/// open, see [`migrate_v1`].
+pub(super) const SCHEMA_VERSION: i64 = 2;
 
 /// `PRAGMA application_id` of our files ("EGGT"), so `file(1)` and we can tell them apart.
 const APPLICATION_ID: i64 = 0x4547_4754;
@@ -28,29 +30,52 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// large file on the SD card forever.
 const JOURNAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
+/// Page size of new files. Every commit rewrites the partly filled last page of the table, so
+/// what a small transaction writes grows with the page size; measured with 100-byte messages in
+/// commits of 50 rows (insert, checkpoint, delete): 1 KiB pages ~710 B per message, 4 KiB pages
+/// ~1 070 B. A message of up to ~990 bytes still fits its page; longer ones continue on overflow
+/// pages. Files created before schema 2 keep their 4 KiB pages (WAL mode cannot change it).
+const PAGE_SIZE: i64 = 1024;
+
+/// `meta` key: sequence numbers below this may have been used (see [`super::worker`]).
+pub(super) const SEQ_RESERVED_KEY: &str = "seq_reserved";
+
 const CREATE_SCHEMA: &str = "
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY NOT NULL,
         value INTEGER NOT NULL
     );
-    -- AUTOINCREMENT: ids are never reused, even after deleting every row, because they are
-    -- the stable message ids the cloud deduplicates on.
+    -- Each distinct topic once: a queued row carries its id instead of the text.
+    CREATE TABLE topics (
+        id    INTEGER PRIMARY KEY,
+        topic TEXT NOT NULL UNIQUE
+    );
+    -- id = ((255 - priority) << 48) | seq: rowid order is drain order (priority descending,
+    -- FIFO within a priority) without an index, which would cost a second B-tree write per
+    -- message. seq is never reused (meta.seq_reserved), it is the upstream message id.
     CREATE TABLE messages (
-        id         INTEGER PRIMARY KEY AUTOINCREMENT,
-        topic      TEXT    NOT NULL,
+        id         INTEGER PRIMARY KEY,
+        topic      INTEGER NOT NULL,
         payload    BLOB    NOT NULL,
-        qos        INTEGER NOT NULL,
-        retain     INTEGER NOT NULL,
-        priority   INTEGER NOT NULL,
+        -- qos | retain << 2
+        flags      INTEGER NOT NULL,
         created_ms INTEGER NOT NULL,
         -- bytes charged against max_bytes (topic + payload + ROW_OVERHEAD_BYTES)
         size       INTEGER NOT NULL
     );
-    -- Drain order (priority, id) and eviction order (lowest priority, oldest first).
-    CREATE INDEX messages_by_priority ON messages (priority, id);
 ";
 
-/// Columns selected wherever a [`super::StoredMessage`] is read, in `read_message` order.
+/// The rows as readers want them; rowid ranges on `id` pass through to `messages`.
+const CREATE_VIEW: &str = "
+    CREATE VIEW queue AS
+        SELECT m.id AS id, t.topic AS topic, m.payload AS payload, m.flags & 3 AS qos,
+               (m.flags >> 2) & 1 AS retain, 255 - (m.id >> 48) AS priority,
+               m.created_ms AS created_ms, m.size AS size
+        FROM messages m JOIN topics t ON t.id = m.topic;
+";
+
+/// Columns selected (from the `queue` view) wherever a [`super::StoredMessage`] is read, in
+/// `read_message` order.
 pub(super) const MESSAGE_COLUMNS: &str = "id, topic, payload, qos, retain, priority, created_ms";
 
 /// Queued rows and charged bytes per priority, kept in memory by the writer.
@@ -90,7 +115,7 @@ impl Totals {
     pub fn load(conn: &Connection) -> rusqlite::Result<Totals> {
         let mut totals = Totals::default();
         let mut stmt = conn.prepare(
-            "SELECT priority, count(*), coalesce(sum(size), 0) FROM messages GROUP BY priority",
+            "SELECT 255 - (id >> 48), count(*), coalesce(sum(size), 0) FROM messages GROUP BY 1",
         )?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
@@ -111,6 +136,8 @@ impl Totals {
 pub(super) struct Opened {
     pub conn: Connection,
     pub totals: Totals,
+    /// The next unused sequence number.
+    pub next_seq: i64,
     pub quarantined: Option<PathBuf>,
 }
 
@@ -131,9 +158,10 @@ pub(super) fn open_writer(path: &Path, sync: SyncMode) -> Result<Opened, StoreEr
         source,
     })?;
     match try_open_writer(path, sync) {
-        Ok((conn, totals)) => Ok(Opened {
+        Ok((conn, totals, next_seq)) => Ok(Opened {
             conn,
             totals,
+            next_seq,
             quarantined: None,
         }),
         Err(Problem::Fatal(e)) => Err(e),
@@ -147,9 +175,10 @@ pub(super) fn open_writer(path: &Path, sync: SyncMode) -> Result<Opened, StoreEr
                  its unsent messages can be recovered from the quarantined file"
             );
             match try_open_writer(path, sync) {
-                Ok((conn, totals)) => Ok(Opened {
+                Ok((conn, totals, next_seq)) => Ok(Opened {
                     conn,
                     totals,
+                    next_seq,
                     quarantined: Some(moved),
                 }),
                 Err(Problem::Fatal(e)) => Err(e),
@@ -168,11 +197,11 @@ enum Found {
     Nothing,
     /// A valid SQLite file without tables (a crash during our own creation): create the schema.
     EmptyDatabase,
-    /// Our store, checked.
-    Store,
+    /// Our store, checked, with its schema version (1 is migrated).
+    Store(i64),
 }
 
-fn try_open_writer(path: &Path, sync: SyncMode) -> Result<(Connection, Totals), Problem> {
+fn try_open_writer(path: &Path, sync: SyncMode) -> Result<(Connection, Totals, i64), Problem> {
     let found = inspect(path)?;
     let open_err = |source: rusqlite::Error| classify(path, source);
     let conn = Connection::open_with_flags(
@@ -186,13 +215,20 @@ fn try_open_writer(path: &Path, sync: SyncMode) -> Result<(Connection, Totals), 
     conn.set_prepared_statement_cache_capacity(32);
     match found {
         Found::Nothing | Found::EmptyDatabase => {
-            // auto_vacuum must be chosen before the first table exists.
+            // page_size and auto_vacuum must be chosen before the first table exists.
+            conn.pragma_update(None, "page_size", PAGE_SIZE)
+                .map_err(open_err)?;
             conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
                 .map_err(open_err)?;
             set_wal(&conn, path)?;
             create_schema(&conn).map_err(open_err)?;
         }
-        Found::Store => set_wal(&conn, path)?,
+        Found::Store(version) => {
+            set_wal(&conn, path)?;
+            if version == 1 {
+                migrate_v1(&conn).map_err(open_err)?;
+            }
+        }
     }
     let sync_value = match sync {
         SyncMode::Full => "FULL",
@@ -203,7 +239,95 @@ fn try_open_writer(path: &Path, sync: SyncMode) -> Result<(Connection, Totals), 
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
         .map_err(open_err)?;
     let totals = Totals::load(&conn).map_err(open_err)?;
-    Ok((conn, totals))
+    let next_seq = next_seq(&conn, &totals).map_err(open_err)?;
+    Ok((conn, totals, next_seq))
+}
+
+/// First row id of `priority`'s band and its last possible one.
+pub(super) fn band(priority: u8) -> (i64, i64) {
+    let lo = super::row_id(priority, 0);
+    (lo, lo | super::SEQ_MASK)
+}
+
+/// One past the highest sequence number that may have been used: the highest in the table or
+/// the persisted reservation, whichever is larger (acked rows are gone from the table, the
+/// reservation still covers them).
+fn next_seq(conn: &Connection, totals: &Totals) -> rusqlite::Result<i64> {
+    let reserved: i64 = conn
+        .query_row(
+            &format!("SELECT value FROM meta WHERE key = '{SEQ_RESERVED_KEY}'"),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(1);
+    let mut stmt = conn.prepare("SELECT max(id) FROM messages WHERE id BETWEEN ?1 AND ?2")?;
+    let mut next = reserved.max(1);
+    for &priority in totals.per_priority.keys() {
+        let (lo, hi) = band(priority);
+        let max: Option<i64> = stmt.query_row([lo, hi], |r| r.get(0))?;
+        if let Some(id) = max {
+            next = next.max((id & super::SEQ_MASK) + 1);
+        }
+    }
+    Ok(next)
+}
+
+/// Creation time of the oldest row (the first of each priority's band, which is FIFO).
+pub(super) fn oldest_created_ms(
+    conn: &Connection,
+    priorities: &[u8],
+) -> rusqlite::Result<Option<i64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT created_ms FROM messages WHERE id BETWEEN ?1 AND ?2 ORDER BY id LIMIT 1",
+    )?;
+    let mut oldest: Option<i64> = None;
+    for &priority in priorities {
+        let (lo, hi) = band(priority);
+        let first: Option<i64> = stmt.query_row([lo, hi], |r| r.get(0)).optional()?;
+        oldest = match (oldest, first) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(oldest)
+}
+
+/// Rewrites a schema 1 store in place, in one transaction, keeping every row, its order and
+/// its id (the seq of the new id is the old id, so a message re-sent after the upgrade keeps
+/// its upstream message id).
+fn migrate_v1(conn: &Connection) -> rusqlite::Result<()> {
+    let rows: i64 = conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?;
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE topics (
+             id    INTEGER PRIMARY KEY,
+             topic TEXT NOT NULL UNIQUE
+         );
+         INSERT INTO topics (topic) SELECT DISTINCT topic FROM messages;
+         CREATE TABLE messages_v2 (
+             id         INTEGER PRIMARY KEY,
+             topic      INTEGER NOT NULL,
+             payload    BLOB    NOT NULL,
+             flags      INTEGER NOT NULL,
+             created_ms INTEGER NOT NULL,
+             size       INTEGER NOT NULL
+         );
+         INSERT INTO messages_v2 (id, topic, payload, flags, created_ms, size)
+             SELECT ((255 - m.priority) << 48) | m.id, t.id, m.payload,
+                    (m.qos & 3) | ((m.retain != 0) << 2), m.created_ms, m.size
+             FROM messages m JOIN topics t ON t.topic = m.topic;
+         INSERT INTO meta (key, value)
+             SELECT '{SEQ_RESERVED_KEY}', coalesce(max(seq), 0) + 1 FROM sqlite_sequence
+             WHERE name = 'messages';
+         DROP TABLE messages;
+         ALTER TABLE messages_v2 RENAME TO messages;
+         {CREATE_VIEW}
+         UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';
+         COMMIT;"
+    ))?;
+    tracing::info!(rows, "store migrated from schema 1 to {SCHEMA_VERSION}");
+    Ok(())
 }
 
 /// Checks an existing file without changing it.
@@ -247,8 +371,8 @@ fn inspect(path: &Path) -> Result<Found, Problem> {
         return Err(Problem::Unusable(format!("quick_check: {check}")));
     }
     if user_object_count(&conn).map_err(open_err)? > 0 {
-        verify_schema(&conn, path)?;
-        return Ok(Found::Store);
+        let version = verify_schema(&conn, path)?;
+        return Ok(Found::Store(version));
     }
     let app_id = application_id(&conn).map_err(open_err)?;
     let pages: i64 = conn
@@ -298,7 +422,14 @@ pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
             source,
         })?;
     match verify_schema(&conn, path) {
-        Ok(()) => Ok(conn),
+        Ok(SCHEMA_VERSION) => Ok(conn),
+        Ok(old) => Err(StoreError::NotAStore {
+            path: path.to_path_buf(),
+            reason: format!(
+                "schema version {old}: start edgegate once to upgrade it (it is migrated at \
+                 start, keeping every message)"
+            ),
+        }),
         Err(Problem::Fatal(e)) => Err(e),
         Err(Problem::Unusable(reason)) => Err(StoreError::NotAStore {
             path: path.to_path_buf(),
@@ -347,12 +478,14 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
         "BEGIN IMMEDIATE;
          PRAGMA application_id = {APPLICATION_ID};
          {CREATE_SCHEMA}
+         {CREATE_VIEW}
          INSERT INTO meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION});
          COMMIT;"
     ))
 }
 
-fn verify_schema(conn: &Connection, path: &Path) -> Result<(), Problem> {
+/// Checks that the file is ours and returns its schema version (1 or [`SCHEMA_VERSION`]).
+fn verify_schema(conn: &Connection, path: &Path) -> Result<i64, Problem> {
     let unusable = |what: &str, e: rusqlite::Error| {
         if is_corruption(&e) {
             Problem::Unusable(format!("{what}: {e}"))
@@ -386,17 +519,26 @@ fn verify_schema(conn: &Connection, path: &Path) -> Result<(), Problem> {
             supported: SCHEMA_VERSION,
         }));
     }
-    if version != SCHEMA_VERSION {
-        return Err(Problem::Unusable(format!(
-            "unknown schema version {version}"
-        )));
+    // Preparing a statement naming every column proves the tables have the shape we expect.
+    let probe = match version {
+        1 => "SELECT id, topic, payload, qos, retain, priority, created_ms, size FROM messages \
+              LIMIT 0"
+            .to_string(),
+        SCHEMA_VERSION => format!(
+            "SELECT {MESSAGE_COLUMNS}, size FROM queue LIMIT 0; \
+             SELECT id, topic, payload, flags, created_ms, size FROM messages LIMIT 0"
+        ),
+        _ => {
+            return Err(Problem::Unusable(format!(
+                "unknown schema version {version}"
+            )))
+        }
+    };
+    for sql in probe.split("; ") {
+        conn.prepare(sql)
+            .map_err(|e| unusable("checking the messages table", e))?;
     }
-    // Preparing a statement naming every column proves the table has the shape we expect.
-    conn.prepare(&format!(
-        "SELECT {MESSAGE_COLUMNS}, size FROM messages LIMIT 0"
-    ))
-    .map_err(|e| unusable("checking the messages table", e))?;
-    Ok(())
+    Ok(version)
 }
 
 /// `<path><suffix>`, e.g. the `-wal` next to a database.

@@ -1237,3 +1237,135 @@ async fn throughput_of_100k_100_byte_rows_with_sync_full_and_linger() {
         println!("bytes written per row: /proc/self/io unavailable");
     }
 }
+
+/// A store file as edgegate 0.1 (schema 1) wrote it: AUTOINCREMENT ids, a `(priority, id)`
+/// index, the topic text in every row.
+fn write_schema_1_store(path: &Path) {
+    std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+    let conn = rusqlite::Connection::open(path).expect("create");
+    conn.execute_batch(
+        "PRAGMA page_size = 4096;
+         PRAGMA auto_vacuum = INCREMENTAL;
+         PRAGMA journal_mode = WAL;
+         PRAGMA application_id = 1162299220;
+         CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+         CREATE TABLE messages (
+             id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+             qos INTEGER NOT NULL, retain INTEGER NOT NULL, priority INTEGER NOT NULL,
+             created_ms INTEGER NOT NULL, size INTEGER NOT NULL);
+         CREATE INDEX messages_by_priority ON messages (priority, id);
+         INSERT INTO meta VALUES ('schema_version', 1), ('dropped.expired', 7);
+         INSERT INTO messages (topic, payload, qos, retain, priority, created_ms, size) VALUES
+             ('a/low', x'01', 1, 0, 0, 1000, 70),
+             ('a/high', x'02', 1, 1, 9, 1001, 71),
+             ('a/low', x'03', 0, 0, 0, 1002, 70),
+             ('a/acked', x'04', 1, 0, 0, 1003, 72),
+             ('a/high', x'05', 2, 0, 9, 1004, 71);
+         DELETE FROM messages WHERE topic = 'a/acked';",
+    )
+    .expect("writing a schema 1 store");
+}
+
+/// seq, topic, payload, qos, retain, priority, created_ms
+type Row<'a> = (i64, &'a str, &'a [u8], u8, bool, u8, i64);
+
+#[tokio::test]
+async fn a_schema_1_store_is_migrated_at_open_keeping_rows_order_ids_and_counters() {
+    let (_dir, cfg) = temp_config();
+    write_schema_1_store(&cfg.path);
+    let opened = Store::open(&cfg).expect("open migrates");
+    assert_eq!((opened.1.rows, opened.1.bytes), (4, 282));
+    assert_eq!(opened.1.quarantined, None);
+    let h = opened.0.clone();
+    let rows = all_rows(&h).await;
+    let seen: Vec<Row<'_>> = rows
+        .iter()
+        .map(|m| {
+            let (seq, t, p) = (m.seq(), m.topic.as_str(), &m.payload[..]);
+            (seq, t, p, m.qos, m.retain, m.priority, m.created_ms)
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (2, "a/high", &[2u8][..], 1, true, 9, 1001),
+            (5, "a/high", &[5u8][..], 2, false, 9, 1004),
+            (1, "a/low", &[1u8][..], 1, false, 0, 1000),
+            (3, "a/low", &[3u8][..], 0, false, 0, 1002),
+        ]
+    );
+    let stats = h.stats().await.expect("stats");
+    assert_eq!(stats.dropped.expired, 7);
+    assert_eq!(stats.oldest_created_ms, Some(1000));
+    // Id 4 was used (and acked) before the upgrade: never handed out again.
+    let out = h
+        .append(vec![msg("a/new", 0)], Durability::Now)
+        .await
+        .expect("append");
+    let new = all_rows(&h)
+        .await
+        .into_iter()
+        .find(|m| Some(m.id) == out.last_id)
+        .expect("the new row");
+    assert_eq!((new.seq(), new.topic.as_str()), (6, "a/new"));
+    h.ack(rows.iter().map(|m| m.id).collect());
+    close(opened).await;
+
+    let ro = ReadOnlyStore::open(&cfg.path).expect("read-only open of the migrated file");
+    let mut out = Vec::new();
+    assert_eq!(ro.export(&mut out, None).expect("export"), 1);
+    let line = String::from_utf8(out).expect("utf-8");
+    assert!(
+        line.contains("\"id\":6") && line.contains("a/new"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn a_new_store_uses_1_kib_pages_and_keeps_each_topic_once() {
+    let (_dir, cfg) = temp_config();
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    let batch: Vec<NewMessage> = (0..50).map(|i| msg(&format!("t/{}", i % 3), 0)).collect();
+    h.append(batch, Durability::Now).await.expect("append");
+    h.append(vec![msg("t/1", 2)], Durability::Now)
+        .await
+        .expect("append");
+    close(opened).await;
+
+    let conn = rusqlite::Connection::open(&cfg.path).expect("open with sqlite");
+    let page: i64 = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .expect("page_size");
+    let topics: i64 = conn
+        .query_row("SELECT count(*) FROM topics", [], |r| r.get(0))
+        .expect("topics");
+    assert_eq!((page, topics), (1024, 3));
+}
+
+#[tokio::test]
+async fn unused_topics_are_deleted_once_the_queue_is_empty_and_new_ones_still_resolve() {
+    let (_dir, cfg) = temp_config();
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    h.append(vec![msg("gone/a", 0), msg("gone/b", 0)], Durability::Now)
+        .await
+        .expect("append");
+    h.ack(ids(&all_rows(&h).await));
+    let count = |path: &Path| -> i64 {
+        let conn = rusqlite::Connection::open(path).expect("open with sqlite");
+        conn.query_row("SELECT count(*) FROM topics", [], |r| r.get(0))
+            .expect("topics")
+    };
+    // The sweep runs at least once a second: allow a few.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&cfg.path) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&cfg.path), 0, "unused topics left in the table");
+    h.append(vec![msg("gone/a", 0)], Durability::Now)
+        .await
+        .expect("append after cleanup");
+    assert_eq!(topics(&all_rows(&h).await), ["gone/a"]);
+    close(opened).await;
+}

@@ -9,7 +9,7 @@
 //! In-memory totals change only after a commit succeeds, so a rolled-back transaction cannot make
 //! them drift from the file.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::watch;
 
-use super::schema::{is_corruption, Totals, MESSAGE_COLUMNS};
+use super::schema::{self, band, is_corruption, Totals, MESSAGE_COLUMNS, SEQ_RESERVED_KEY};
 use super::{
     row_bytes, AppendOutcome, Command, Cursor, DropCounters, DropReason, Durability, Health,
     NewMessage, PriorityStats, Reply, StoreError, StoreStats, StoredMessage,
@@ -37,6 +37,14 @@ const VACUUM_PAGES_PER_SWEEP: i64 = 1024;
 const VACUUM_MIN_FREE_PAGES: i64 = 1024;
 /// Eviction reads candidates in chunks of this many rows.
 const EVICT_CHUNK: i64 = 256;
+/// Sequence numbers reserved in `meta` at a time: one small write per this many messages makes
+/// ids unique forever without AUTOINCREMENT's write per transaction.
+const SEQ_RESERVE_STEP: i64 = 1 << 16;
+/// Topic ids kept in memory; past this the cache starts over (the table answers misses).
+const TOPIC_CACHE_MAX: usize = 4096;
+/// After this many new topics while rows are queued, unused topics are deleted (a full scan);
+/// when the queue is empty they all go, which is the common case.
+const TOPIC_GC_AFTER: u64 = 1 << 16;
 
 type FreeDiskProbe = Arc<dyn Fn(&std::path::Path) -> Option<u64> + Send + Sync>;
 
@@ -86,6 +94,13 @@ impl Batch {
 /// What one transaction did, applied to the in-memory state only after COMMIT succeeds.
 struct TxnResult {
     totals: Totals,
+    /// The next unused sequence number after this transaction.
+    next_seq: i64,
+    /// A new `meta.seq_reserved` written by this transaction.
+    reserved: Option<i64>,
+    /// Topics looked up or added by this transaction.
+    new_topics: Vec<(String, i64)>,
+    topics_inserted: u64,
     outcomes: Vec<AppendOutcome>,
     inserted: u64,
     acked: u64,
@@ -151,6 +166,12 @@ pub(super) struct Worker {
     health_tx: watch::Sender<Health>,
     freed_since_vacuum: u64,
     next_sweep: Instant,
+    next_seq: i64,
+    seq_reserved: i64,
+    /// topic → `topics.id`, for topics committed in the table.
+    topic_ids: HashMap<String, i64>,
+    /// Topics inserted since the table was last cleaned up.
+    topics_since_gc: u64,
 }
 
 /// How the loop ended.
@@ -165,6 +186,7 @@ impl Worker {
         conn: Connection,
         cfg: &StoreConfig,
         totals: Totals,
+        next_seq: i64,
         committed_tx: watch::Sender<u64>,
         health_tx: watch::Sender<Health>,
         probes: Probes,
@@ -212,6 +234,12 @@ impl Worker {
             health_tx,
             freed_since_vacuum: 0,
             next_sweep: Instant::now(),
+            next_seq,
+            // Not yet persisted for this run: the first insert writes a reservation.
+            seq_reserved: next_seq,
+            topic_ids: HashMap::new(),
+            // Leftovers of a crash are cleaned up at the first sweep with an empty queue.
+            topics_since_gc: 1,
         }
     }
 
@@ -514,6 +542,10 @@ impl Worker {
     ) -> rusqlite::Result<TxnResult> {
         let mut txn = TxnResult {
             totals: self.totals.clone(),
+            next_seq: self.next_seq,
+            reserved: None,
+            new_topics: Vec::new(),
+            topics_inserted: 0,
             outcomes: Vec::with_capacity(appends.len()),
             inserted: 0,
             acked: 0,
@@ -529,7 +561,7 @@ impl Worker {
             sorted.sort_unstable();
             sorted.dedup();
             let mut del = self.conn.prepare_cached(
-                "DELETE FROM messages WHERE id BETWEEN ?1 AND ?2 RETURNING priority, size",
+                "DELETE FROM messages WHERE id BETWEEN ?1 AND ?2 RETURNING id, size",
             )?;
             let mut i = 0;
             while i < sorted.len() {
@@ -542,8 +574,8 @@ impl Worker {
                 i += 1;
                 let mut rows = del.query([first, last])?;
                 while let Some(r) = rows.next()? {
-                    let (priority, size): (i64, i64) = (r.get(0)?, r.get(1)?);
-                    txn.totals.remove(priority as u8, size as u64);
+                    let (id, size): (i64, i64) = (r.get(0)?, r.get(1)?);
+                    txn.totals.remove(priority_of(id), size as u64);
                     txn.freed_bytes += size as u64;
                     txn.acked += 1;
                 }
@@ -552,10 +584,21 @@ impl Worker {
 
         // Ids inserted by each append, to report what survived eviction.
         let mut inserted_ids: Vec<Vec<i64>> = Vec::with_capacity(appends.len());
+        let rows: i64 = appends.iter().map(|(m, _)| m.len() as i64).sum();
+        if !disk_low && rows > 0 && txn.next_seq + rows > self.seq_reserved {
+            let reserved = txn.next_seq + rows + SEQ_RESERVE_STEP;
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![SEQ_RESERVED_KEY, reserved])?;
+            txn.reserved = Some(reserved);
+        }
         {
             let mut ins = self.conn.prepare_cached(
-                "INSERT INTO messages (topic, payload, qos, retain, priority, created_ms, size)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO messages (id, topic, payload, flags, created_ms, size)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for (msgs, _) in appends {
                 let mut ids = Vec::with_capacity(msgs.len());
@@ -575,12 +618,15 @@ impl Worker {
                         refused += 1;
                         continue;
                     }
-                    let id = ins.insert(params![
-                        m.topic,
+                    let topic = self.topic_id(&m.topic, &mut txn)?;
+                    let id = super::row_id(m.priority, txn.next_seq);
+                    txn.next_seq += 1;
+                    let flags = i64::from(m.qos & 3) | (i64::from(m.retain) << 2);
+                    ins.execute(params![
+                        id,
+                        topic,
                         &m.payload[..],
-                        m.qos,
-                        m.retain,
-                        m.priority,
+                        flags,
                         m.created_ms,
                         size as i64
                     ])?;
@@ -622,6 +668,55 @@ impl Worker {
         Ok(txn)
     }
 
+    /// The `topics.id` of `topic`, adding it to the table when it is new. What this
+    /// transaction learns goes to the cache only after it commits.
+    fn topic_id(&self, topic: &str, txn: &mut TxnResult) -> rusqlite::Result<i64> {
+        if let Some(&id) = self.topic_ids.get(topic) {
+            return Ok(id);
+        }
+        // A transaction rarely learns more than a few topics: a linear scan is cheapest.
+        if let Some((_, id)) = txn.new_topics.iter().find(|(t, _)| t == topic) {
+            return Ok(*id);
+        }
+        let found: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT id FROM topics WHERE topic = ?1")?
+            .query_row([topic], |r| r.get(0))
+            .optional()?;
+        let id = match found {
+            Some(id) => id,
+            None => {
+                self.conn
+                    .prepare_cached("INSERT INTO topics (topic) VALUES (?1)")?
+                    .execute([topic])?;
+                txn.topics_inserted += 1;
+                self.conn.last_insert_rowid()
+            }
+        };
+        txn.new_topics.push((topic.to_string(), id));
+        Ok(id)
+    }
+
+    /// Deletes topics no queued row uses: all of them when the queue is empty (cheap, and the
+    /// usual state), else after many new topics (a scan of the table).
+    fn collect_topics(&mut self) -> rusqlite::Result<()> {
+        if self.topics_since_gc == 0 {
+            return Ok(());
+        }
+        let sql = if self.totals.rows == 0 {
+            "DELETE FROM topics"
+        } else if self.topics_since_gc >= TOPIC_GC_AFTER {
+            "DELETE FROM topics WHERE id NOT IN (SELECT topic FROM messages)"
+        } else {
+            return Ok(());
+        };
+        let removed = self.in_transaction(|w| w.conn.execute(sql, []))?;
+        self.topic_ids.clear();
+        self.topics_since_gc = 0;
+        tracing::debug!(removed, "store dropped unused topics");
+        Ok(())
+    }
+
     /// Adds drop counts to the counters kept in `meta`, inside the caller's transaction. Only
     /// transactions that drop something pay for this write.
     fn persist_drops(&self, counts: &[u64; 3]) -> rusqlite::Result<()> {
@@ -646,7 +741,7 @@ impl Worker {
     fn evict(&mut self, txn: &mut TxnResult) -> rusqlite::Result<HashSet<i64>> {
         let mut evicted = HashSet::new();
         let mut pick = self.conn.prepare_cached(
-            "SELECT id, size FROM messages WHERE priority = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            "SELECT id, size FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
         )?;
         let mut del = self
             .conn
@@ -659,9 +754,15 @@ impl Worker {
             let Some(priority) = txn.totals.lowest_priority() else {
                 break;
             };
-            let start = if after.0 == priority { after.1 } else { 0 };
+            let (lo, hi) = band(priority);
+            // Never below the band: ids under it belong to higher priorities.
+            let start = if after.0 == priority {
+                after.1.max(lo - 1)
+            } else {
+                lo - 1
+            };
             let candidates: Vec<(i64, i64)> = pick
-                .query_map(params![priority, start, EVICT_CHUNK], |r| {
+                .query_map(params![start, hi, EVICT_CHUNK], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
@@ -700,6 +801,15 @@ impl Worker {
         now: Instant,
     ) {
         self.totals = txn.totals;
+        self.next_seq = txn.next_seq;
+        if let Some(r) = txn.reserved {
+            self.seq_reserved = r;
+        }
+        if self.topic_ids.len() + txn.new_topics.len() > TOPIC_CACHE_MAX {
+            self.topic_ids.clear();
+        }
+        self.topic_ids.extend(txn.new_topics);
+        self.topics_since_gc += txn.topics_inserted;
         self.unpersisted = [0; 3];
         self.appended_total += txn.inserted;
         self.acked_total += txn.acked;
@@ -777,50 +887,56 @@ impl Worker {
             }
             tracing::debug!(error = %e, "store incremental vacuum skipped");
         }
+        if let Err(e) = self.collect_topics() {
+            if is_corruption(&e) {
+                return Err(format!("removing unused topics: {e}"));
+            }
+            tracing::debug!(error = %e, "store topic cleanup skipped");
+        }
         Ok(())
     }
 
     fn expire(&mut self, cutoff_ms: i64) -> rusqlite::Result<()> {
-        // Rows are created in id order, so the expired ones are a prefix of the table in id
-        // order: find where it ends by walking from the oldest row (cost: the rows about to be
-        // deleted), then delete that prefix. No index on created_ms is needed — it would cost
-        // ~60 bytes written per message. After a backwards clock jump, newer rows with older
-        // timestamps wait behind the first unexpired row; nothing expires early.
-        let oldest: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT created_ms FROM messages ORDER BY id LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if oldest.is_none_or(|o| o >= cutoff_ms) {
-            return Ok(());
-        }
-        let boundary: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT id FROM messages WHERE created_ms >= ?1 ORDER BY id LIMIT 1",
-                [cutoff_ms],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let boundary = boundary.unwrap_or(i64::MAX);
-        let gone = self.in_transaction(|w| {
-            let mut del = w
+        // Within a priority, rows are created in id order, so its expired rows are a prefix of
+        // its band: find where that ends by walking from its oldest row (cost: the rows about
+        // to be deleted), then delete the prefix. No index on created_ms is needed — it would
+        // cost a second B-tree write per message. After a backwards clock jump, newer rows with
+        // older timestamps wait behind the first unexpired row; nothing expires early.
+        let mut prefixes = Vec::new();
+        for &priority in self.totals.per_priority.keys() {
+            let (lo, hi) = band(priority);
+            let boundary: Option<i64> = self
                 .conn
-                .prepare_cached("DELETE FROM messages WHERE id < ?1 RETURNING priority, size")?;
-            let rows: Vec<(i64, i64)> = del
-                .query_map([boundary], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
+                .prepare_cached(
+                    "SELECT id FROM messages WHERE id BETWEEN ?1 AND ?2 AND created_ms >= ?3
+                     ORDER BY id LIMIT 1",
+                )?
+                .query_row(params![lo, hi, cutoff_ms], |r| r.get(0))
+                .optional()?;
+            let end = boundary.unwrap_or(hi + 1);
+            if end > lo {
+                prefixes.push((lo, end));
+            }
+        }
+        let gone = self.in_transaction(|w| {
+            let mut del = w.conn.prepare_cached(
+                "DELETE FROM messages WHERE id >= ?1 AND id < ?2 RETURNING id, size",
+            )?;
+            let mut rows: Vec<(i64, i64)> = Vec::new();
+            for &(lo, end) in &prefixes {
+                let part = del.query_map([lo, end], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                for row in part {
+                    rows.push(row?);
+                }
+            }
             let mut counts = w.unpersisted;
             counts[DropReason::Expired.index()] += rows.len() as u64;
             w.persist_drops(&counts)?;
             Ok(rows)
         })?;
         self.unpersisted = [0; 3];
-        for &(priority, size) in &gone {
-            self.totals.remove(priority as u8, size as u64);
+        for &(id, size) in &gone {
+            self.totals.remove(priority_of(id), size as u64);
             self.freed_since_vacuum += size as u64;
         }
         let n = gone.len() as u64;
@@ -868,18 +984,16 @@ impl Worker {
         let mut out = Vec::with_capacity(limit.min(1024));
         let priorities: Vec<u8> = self.totals.per_priority.keys().rev().copied().collect();
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE priority = ?1 AND id > ?2
-             ORDER BY id LIMIT ?3"
+            "SELECT {MESSAGE_COLUMNS} FROM queue WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3"
         ))?;
         for priority in priorities {
             let want = limit - out.len();
             if want == 0 {
                 break;
             }
-            let rows = stmt.query_map(
-                params![priority, cursor.position(priority), want as i64],
-                read_message,
-            )?;
+            let (lo, hi) = band(priority);
+            let after = cursor.position(priority).max(lo - 1);
+            let rows = stmt.query_map(params![after, hi, want as i64], read_message)?;
             for row in rows {
                 out.push(row?);
             }
@@ -888,14 +1002,8 @@ impl Worker {
     }
 
     fn stats(&mut self) -> rusqlite::Result<StoreStats> {
-        let oldest_created_ms: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT created_ms FROM messages ORDER BY id LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let priorities: Vec<u8> = self.totals.per_priority.keys().copied().collect();
+        let oldest_created_ms = schema::oldest_created_ms(&self.conn, &priorities)?;
         Ok(StoreStats {
             rows: self.totals.rows,
             bytes: self.totals.bytes,
@@ -937,6 +1045,11 @@ fn fail_command(cmd: Command, reason: &str) {
         }
         Command::Ack(_) => {}
     }
+}
+
+/// The priority encoded in a row id.
+fn priority_of(id: i64) -> u8 {
+    (255 - (id >> 48)).clamp(0, 255) as u8
 }
 
 /// Maps a row selected with [`MESSAGE_COLUMNS`].
