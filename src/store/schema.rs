@@ -215,10 +215,9 @@ fn try_open_writer(path: &Path, sync: SyncMode) -> Result<(Connection, Totals, i
     conn.set_prepared_statement_cache_capacity(32);
     match found {
         Found::Nothing | Found::EmptyDatabase => {
-            // page_size and auto_vacuum must be chosen before the first table exists.
+            // page_size must be chosen before the first table exists. No auto-vacuum: the
+            // worker compacts the file with VACUUM once a backlog has drained.
             conn.pragma_update(None, "page_size", PAGE_SIZE)
-                .map_err(open_err)?;
-            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
                 .map_err(open_err)?;
             set_wal(&conn, path)?;
             create_schema(&conn).map_err(open_err)?;

@@ -534,7 +534,7 @@ async fn a_schema_from_a_newer_edgegate_is_refused_and_left_untouched() {
 }
 
 #[tokio::test]
-async fn a_new_store_uses_wal_incremental_auto_vacuum_and_our_schema_version() {
+async fn a_new_store_uses_wal_no_auto_vacuum_and_our_schema_version() {
     let (_dir, cfg) = temp_config();
     let opened = Store::open(&cfg).expect("open");
     let conn = rusqlite::Connection::open(&cfg.path).expect("second connection");
@@ -553,7 +553,7 @@ async fn a_new_store_uses_wal_incremental_auto_vacuum_and_our_schema_version() {
         .expect("version");
     assert_eq!(
         (mode.as_str(), vacuum, version),
-        ("wal", 2, schema::SCHEMA_VERSION)
+        ("wal", 0, schema::SCHEMA_VERSION)
     );
     drop(conn);
     close(opened).await;
@@ -1367,5 +1367,43 @@ async fn unused_topics_are_deleted_once_the_queue_is_empty_and_new_ones_still_re
         .await
         .expect("append after cleanup");
     assert_eq!(topics(&all_rows(&h).await), ["gone/a"]);
+    close(opened).await;
+}
+
+#[tokio::test]
+async fn the_file_shrinks_after_a_large_backlog_drains() {
+    let (_dir, cfg) = temp_config();
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    for chunk in 0..20 {
+        let batch: Vec<NewMessage> = (0..500).map(|i| sized(chunk * 500 + i, 0, 1000)).collect();
+        h.append(batch, Durability::Now).await.expect("append");
+    }
+    let full = h.stats().await.expect("stats").file_bytes;
+    assert!(full > 8 << 20, "10 000 rows of 1 000 B take {full} bytes");
+    let mut cursor = Cursor::default();
+    loop {
+        let rows = h.fetch(&cursor, 2000).await.expect("fetch");
+        if rows.is_empty() {
+            break;
+        }
+        rows.iter().for_each(|m| cursor.advance(m));
+        h.ack(ids(&rows));
+    }
+    let stats = wait_for_stats(&h, Duration::from_secs(10), |s| {
+        s.rows == 0 && s.file_bytes < full / 4
+    })
+    .await;
+    assert_eq!(stats.rows, 0);
+    assert!(
+        stats.file_bytes < full / 4,
+        "file still {} bytes after draining (was {full})",
+        stats.file_bytes
+    );
+    // Still usable after the VACUUM.
+    h.append(vec![msg("after", 0)], Durability::Now)
+        .await
+        .expect("append after vacuum");
+    assert_eq!(topics(&all_rows(&h).await), ["after"]);
     close(opened).await;
 }

@@ -30,8 +30,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const DISK_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// At most one drop log line per reason per this period, carrying the count since the last one.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
-/// Pages returned to the filesystem per sweep, bounding the time one vacuum step takes.
+/// Pages returned to the filesystem per sweep, bounding the time one vacuum step takes (files
+/// from schema 1, which use incremental auto-vacuum).
 const VACUUM_PAGES_PER_SWEEP: i64 = 1024;
+/// Files without auto-vacuum are compacted by a full VACUUM, which rewrites what is still
+/// queued: only once that is at most this much.
+const VACUUM_MAX_LIVE_BYTES: i64 = 4 << 20;
 /// Vacuum only when at least this many pages are free: a queue that refills soon would just
 /// grow the file again, which costs more writes than it saves.
 const VACUUM_MIN_FREE_PAGES: i64 = 1024;
@@ -961,9 +965,30 @@ impl Worker {
             }
             return Ok(());
         }
-        self.conn.execute_batch(&format!(
-            "PRAGMA incremental_vacuum({VACUUM_PAGES_PER_SWEEP})"
-        ))?;
+        let auto_vacuum: i64 = self
+            .conn
+            .pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+        if auto_vacuum == 2 {
+            self.conn.execute_batch(&format!(
+                "PRAGMA incremental_vacuum({VACUUM_PAGES_PER_SWEEP})"
+            ))?;
+        } else {
+            // Auto-vacuum keeps a pointer map that costs a page write per transaction, and an
+            // incremental step moves queued rows around; instead the file is compacted once
+            // the backlog has (nearly) drained, when a full VACUUM has little to copy. Until
+            // then SQLite reuses the free pages for new rows.
+            let page_size: i64 = self
+                .conn
+                .pragma_query_value(None, "page_size", |r| r.get(0))?;
+            if (total - free) * page_size > VACUUM_MAX_LIVE_BYTES {
+                return Ok(());
+            }
+            self.conn.execute_batch("VACUUM")?;
+            // The file shrinks when the WAL is checkpointed; that is small now, do it at once.
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            self.freed_since_vacuum = 0;
+        }
         tracing::debug!(
             free_pages = free,
             "store returned free pages to the filesystem"
