@@ -34,6 +34,7 @@
 mod conn;
 pub mod packet;
 pub mod props;
+pub mod subs;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -49,6 +50,7 @@ use crate::config::{topic, BrokerConfig, UplinkConfig};
 use crate::store::StoreHandle;
 
 pub use packet::Malformed;
+pub use subs::Subscriptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrontError {
@@ -205,6 +207,12 @@ pub struct FrontCounters {
     pub held: AtomicU64,
     /// QoS 0 publishes stored without waiting.
     pub stored_qos0: AtomicU64,
+    /// Held QoS 1 publishes the front acknowledged itself after their commit, without
+    /// rumqttd (no local subscriber; counted in `held` too).
+    pub acked_direct: AtomicU64,
+    /// Stored QoS 0 publishes not passed to rumqttd (no local subscriber; counted in
+    /// `stored_qos0` too).
+    pub skipped_qos0: AtomicU64,
     /// Wills on forwarded topics stored when a device went away without DISCONNECT.
     pub wills_stored: AtomicU64,
     /// MQTT 5 publishes (or wills) whose properties were removed so rumqttd cannot crash.
@@ -244,6 +252,8 @@ pub(crate) struct Shared {
     max_remaining: usize,
     durable: Option<Durable>,
     counters: Arc<FrontCounters>,
+    /// Local subscription filters: topics without one skip rumqttd.
+    subs: Arc<Subscriptions>,
     v4_filters: props::V4Filters,
     log_limit: std::sync::Mutex<crate::sources::hardware::RateLimited>,
 }
@@ -282,6 +292,7 @@ impl Front {
                 max_remaining: usize::try_from(cfg.max_payload_size.get()).unwrap_or(usize::MAX),
                 durable,
                 counters: Arc::new(FrontCounters::default()),
+                subs: Arc::new(Subscriptions::new()),
                 v4_filters: props::V4Filters::default(),
                 log_limit: std::sync::Mutex::new(crate::sources::hardware::RateLimited::new(
                     Duration::from_secs(1),
@@ -292,6 +303,12 @@ impl Front {
 
     pub fn counters(&self) -> Arc<FrontCounters> {
         self.shared.counters.clone()
+    }
+
+    /// The local subscription registry: in-process subscribers on rumqttd's local links must
+    /// register their filters here before subscribing (see [`subs`]).
+    pub fn subscriptions(&self) -> Arc<Subscriptions> {
+        self.shared.subs.clone()
     }
 
     /// Accepts device connections until `cancel`; each gets its own task. Returns only on an
