@@ -684,6 +684,33 @@ mod tests {
     }
 
     #[test]
+    fn a_v5_connect_reports_its_session_expiry_and_clean_start() {
+        // Properties: receive maximum 10, session expiry 3600 s.
+        let mut body = str_field("MQTT");
+        body.extend_from_slice(&[5, 0x02, 0, 30, 8, 0x21, 0, 10, 0x11, 0, 0, 0x0e, 0x10]);
+        body.extend(str_field("dev1"));
+        let p = pkt(0x10, &body);
+        let f = frame(&p, 1000).expect("valid").expect("whole");
+        let Ok(c) = connect(&p, &f) else {
+            panic!("CONNECT refused")
+        };
+        assert!(c.clean);
+        assert_eq!(c.session_expiry, 3600);
+        assert_eq!(c.keep_alive, 30);
+
+        let mut body = str_field("MQTT");
+        body.extend_from_slice(&[5, 0x00, 0, 30, 0]);
+        body.extend(str_field("dev1"));
+        let p = pkt(0x10, &body);
+        let f = frame(&p, 1000).expect("valid").expect("whole");
+        let Ok(c) = connect(&p, &f) else {
+            panic!("CONNECT refused")
+        };
+        assert!(!c.clean);
+        assert_eq!(c.session_expiry, 0, "absent means 0");
+    }
+
+    #[test]
     fn a_connect_with_trailing_bytes_or_the_reserved_flag_is_malformed() {
         let mut body = str_field("MQTT");
         body.extend_from_slice(&[4, 0x02, 0, 60]);
