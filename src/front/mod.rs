@@ -12,9 +12,24 @@
 //!   nothing overtakes a held message. The store commits whatever is queued at once
 //!   (`Durability::Now`): concurrent connections share transactions, with no fixed linger.
 //! - a QoS 0 PUBLISH on a forwarded topic is appended without waiting and passed on at once.
+//! - **direct**: a non-retained QoS 0/1 PUBLISH on a forwarded topic that no local subscription
+//!   filter matches ([`subs`]) is stored like the above but never passed on: rumqttd would only
+//!   route it to nobody (its ingest is about a third of the CPU a message costs). For QoS 1 the
+//!   front sends the PUBACK itself once the commit is done, in the FIFO's order; it reaches the
+//!   device in the order of its PUBLISHes also relative to rumqttd's PUBACKs (the copy to the
+//!   device counts those). The verdict is checked again when the message leaves the FIFO if a
+//!   filter was added meanwhile, so a SUBSCRIBE read before the commit still gets it. QoS 2
+//!   and retained messages always go to rumqttd. Filters: every allowed filter of a device's
+//!   SUBSCRIBE (registered before rumqttd gets it; `$share/<group>/` removed), released at
+//!   UNSUBSCRIBE or when a clean session ends (a persistent session's stay registered while the
+//!   process runs, as rumqttd keeps them in memory), and the in-process subscribers (`app`
+//!   registers the GPIO outputs' command topics). rumqttd drops a client after 1.5 × keep-alive
+//!   without a read: while messages skip it, the front sends it a PINGREQ whenever nothing went
+//!   to it for a quarter keep-alive, and drops as many PINGRESPs on their way to the device.
 //! - everything else is passed on as it is, after the checks below.
 //!
-//! Packets from rumqttd to the device are copied byte for byte, undecoded.
+//! Packets from rumqttd to the device are copied byte for byte, undecoded, except the PINGRESPs
+//! to the front's own PINGREQs and the SUBACKs the front completes.
 //!
 //! Every listener is the front's: plain TCP (`broker.listen`, `listen_v5`), TLS (`broker.tls`,
 //! rustls, client certificates required, [`tls`]) and WebSocket (`broker.websocket`, subprotocol
