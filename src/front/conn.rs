@@ -636,7 +636,9 @@ where
     };
     let mut fifo: VecDeque<Entry> = VecDeque::new();
     let mut out = BytesMut::new();
-    let mut to_device: Vec<Answer> = Vec::new();
+    // The answers of one pass, as (bytes, PUBACKs from rumqttd before them): consecutive ones
+    // with the same position share one write.
+    let mut to_device: Vec<(Vec<u8>, u64)> = Vec::new();
     // QoS 1 PUBLISHes passed to rumqttd: each gets a PUBACK from it.
     let mut passed_qos1 = 0u64;
     // rumqttd cuts a client after 1.5 × keep-alive with nothing read; a device whose messages
@@ -694,10 +696,7 @@ where
             let e = fifo.pop_front().expect("front exists");
             queued_bytes -= e.bytes.len();
             if e.to_device {
-                to_device.push(Answer {
-                    bytes: e.bytes,
-                    after_pubacks: passed_qos1,
-                });
+                push_answer(&mut to_device, &e.bytes, passed_qos1);
                 continue;
             }
             match e.direct {
@@ -708,10 +707,7 @@ where
                         Some(id) => {
                             counters.acked_direct.fetch_add(1, Ordering::Relaxed);
                             let [hi, lo] = id.to_be_bytes();
-                            to_device.push(Answer {
-                                bytes: Bytes::copy_from_slice(&[0x40, 0x02, hi, lo]),
-                                after_pubacks: passed_qos1,
-                            });
+                            push_answer(&mut to_device, &[0x40, 0x02, hi, lo], passed_qos1);
                         }
                         None => {
                             counters.skipped_qos0.fetch_add(1, Ordering::Relaxed);
@@ -732,9 +728,13 @@ where
         }
         // The answers first: `broker_to_device` (polled by the same task) then knows them
         // before any PUBACK rumqttd sends for what follows, and can put each in its place.
-        for b in to_device.drain(..) {
+        for (bytes, after_pubacks) in to_device.drain(..) {
+            let answer = Answer {
+                bytes: Bytes::from(bytes),
+                after_pubacks,
+            };
             // The broker-to-device side has ended when this fails: so does the connection.
-            if answers.send(b).await.is_err() {
+            if answers.send(answer).await.is_err() {
                 return Ok(Ended::BrokerGone);
             }
         }
@@ -764,6 +764,13 @@ where
                 }
             }
         }
+    }
+}
+
+fn push_answer(to_device: &mut Vec<(Vec<u8>, u64)>, bytes: &[u8], after_pubacks: u64) {
+    match to_device.last_mut() {
+        Some((b, after)) if *after == after_pubacks => b.extend_from_slice(bytes),
+        _ => to_device.push((bytes.to_vec(), after_pubacks)),
     }
 }
 
