@@ -1442,3 +1442,41 @@ fn an_alias_set_by_a_direct_message_works_once_a_subscriber_appears() {
     );
     assert_eq!(acked_direct(&gw), 1);
 }
+
+#[test]
+fn an_mqtt5_session_with_an_expiry_keeps_its_subscription_counted_after_it_vanishes() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let (gw, _up, _upstream) = gateway_with_upstream(dir.path());
+    let id = client_id("v5p");
+    // CONNECT: clean start 0, session expiry 300 s.
+    let mut body = field(b"MQTT");
+    body.extend_from_slice(&[5, 0x00, 0, 30, 5, 0x11, 0, 0, 0x01, 0x2c]);
+    body.extend(field(id.as_bytes()));
+    let connect = packet(0x10, &body);
+    let (mut r, ack) = Raw::connect(gw.port(), &connect);
+    assert_eq!(ack.map(|a| a[0]), Some(0x20), "CONNACK");
+    let mut sub = vec![0, 1, 0];
+    sub.extend(field(b"sensors/v5p"));
+    sub.push(1);
+    r.send(&packet(0x82, &sub));
+    assert_eq!(r.read_packet().map(|p| p[0]), Some(0x90), "SUBACK");
+    drop(r); // gone without DISCONNECT; rumqttd keeps the session
+    thread::sleep(Duration::from_millis(300));
+
+    assert_eq!(publish_seq(gw.port(), "sensors/v5p", 3, 1), 3);
+    assert_eq!(
+        acked_direct(&gw),
+        0,
+        "the session's subscription still counts"
+    );
+    let (mut r, ack) = Raw::connect(gw.port(), &connect);
+    assert_eq!(ack.map(|a| a[0]), Some(0x20), "CONNACK");
+    for _ in 0..3 {
+        assert_eq!(
+            r.read_packet().map(|p| p[0] & 0xf0),
+            Some(0x30),
+            "a queued PUBLISH; log:\n{}",
+            gw.log()
+        );
+    }
+}
