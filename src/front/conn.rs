@@ -2,7 +2,11 @@
 //!
 //! Device → broker is a FIFO: each packet is an entry; a held PUBLISH's entry carries the
 //! [`PendingCommit`] of its row, and no entry is written to rumqttd before every entry ahead of
-//! it. Broker → device is a plain byte copy.
+//! it. A direct entry (stored, no local subscriber, see [`super::subs`]) leaves the FIFO in its
+//! turn as the front's own PUBACK (QoS 1) or as nothing (QoS 0) instead of going to rumqttd.
+//! Broker → device is a byte copy that counts rumqttd's PUBACKs, so the front's own answers are
+//! written between them in the order of the device's packets, and that drops the PINGRESPs to
+//! the PINGREQs the front sent to keep rumqttd's keep-alive.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
