@@ -182,6 +182,14 @@ fn spawn_hardware(cfg: &Config, broker: &Broker, sh: &Shared) -> Result<Option<S
         Some(hw) => hw,
         None => return Ok(None),
     };
+    // The outputs' command topics are subscribed on the local link below: the front must pass
+    // device messages on them to rumqttd. They stay registered after a reload (harmless: their
+    // messages then merely take rumqttd's path).
+    if let Some(subs) = broker.front_subscriptions() {
+        for topic in hw.command_topics() {
+            subs.add(&topic);
+        }
+    }
     let (hw_tx, hw_rx) = broker
         .link(&format!("edgegate-hardware-{}", sh.generation))
         .map_err(|e| e.to_string())?;
@@ -547,6 +555,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
             connections = c.connections.load(Ordering::Relaxed),
             held = c.held.load(Ordering::Relaxed),
             stored_qos0 = c.stored_qos0.load(Ordering::Relaxed),
+            acked_direct = c.acked_direct.load(Ordering::Relaxed),
+            skipped_qos0 = c.skipped_qos0.load(Ordering::Relaxed),
             malformed,
             refused,
             properties_stripped = c.properties_stripped.load(Ordering::Relaxed),

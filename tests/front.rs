@@ -1155,3 +1155,328 @@ fn without_the_front_the_local_intake_stores_every_message_of_a_long_run() {
     assert_eq!(seqs.len(), n, "log:\n{}", gw.log());
     assert_eq!(gw.buffer_export().len(), n, "a message stored twice");
 }
+
+// ─── direct acknowledgement: no local subscriber, no rumqttd ────────────────────────────────
+
+/// The front's counters from `edgegate status --json`.
+fn front_status(gw: &Gateway) -> serde_json::Value {
+    let sock = gw.dir().join("status.sock").display().to_string();
+    let out = run_bin(
+        gw.dir(),
+        &["status", "--json", "--socket", &sock],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "status failed:\n{}",
+        output_text(&out)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{}", output_text(&out)));
+    v["front"].clone()
+}
+
+fn acked_direct(gw: &Gateway) -> u64 {
+    let f = front_status(gw);
+    f["acked_direct"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no front.acked_direct in {f:#}"))
+}
+
+fn unsubscribe_v4(pkid: u16, filter: &str) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    body.extend(field(filter.as_bytes()));
+    packet(0xa2, &body)
+}
+
+/// A gateway forwarding `sensors/#` to a fresh upstream, and a QoS 1 subscriber there.
+fn gateway_with_upstream(dir: &Path) -> (Gateway, Mosquitto, Subscriber) {
+    let up = Mosquitto::start(MosquittoOpts::default());
+    let upstream = Subscriber::start(
+        up.port(),
+        "sensors/#",
+        &client_id("up"),
+        &ClientOpts::qos(1),
+    );
+    let gw = start_gateway(dir, Some(&up.url()), "");
+    (gw, up, upstream)
+}
+
+#[test]
+fn without_a_local_subscriber_the_front_acknowledges_stored_messages_itself_in_order() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let (gw, _up, upstream) = gateway_with_upstream(dir.path());
+    let n = 500;
+    assert_eq!(
+        publish_seq(gw.port(), "sensors/direct", n, 1),
+        n,
+        "log:\n{}",
+        gw.log()
+    );
+    assert_complete_in_order(&upstream, "sensors/direct", n, &gw);
+    assert_eq!(
+        acked_direct(&gw),
+        n as u64,
+        "every PUBACK came from the front"
+    );
+
+    // QoS 0 too: stored, forwarded, never given to rumqttd.
+    let m = 50;
+    publish_seq(gw.port(), "sensors/direct0", m, 0);
+    let skipped = wait_until(Duration::from_secs(10), || {
+        front_status(&gw)["skipped_qos0"].as_u64() == Some(m as u64)
+    });
+    assert!(skipped, "front status: {:#}", front_status(&gw));
+    assert_complete_in_order(&upstream, "sensors/direct0", m, &gw);
+
+    // A device's PUBACKs come back in the order of its PUBLISHes when some go through rumqttd
+    // (a subscriber on one topic) and some not: rumqttc checks nothing, so raw bytes.
+    let local = Subscriber::start(
+        gw.port(),
+        "sensors/mixed/a",
+        &client_id("l"),
+        &ClientOpts::qos(1),
+    );
+    let (mut r, ack) = Raw::connect(gw.port(), &connect_v4(&client_id("mix"), 30, None, None));
+    assert_eq!(ack.as_deref(), Some(&CONNACK_OK[..]));
+    let mut burst = Vec::new();
+    for id in 1..=40u16 {
+        let topic = if id % 2 == 0 {
+            "sensors/mixed/a"
+        } else {
+            "sensors/mixed/b"
+        };
+        burst.extend(publish_v4(topic, 1, id, id.to_string().as_bytes()));
+    }
+    r.send(&burst);
+    for id in 1..=40u16 {
+        let [hi, lo] = id.to_be_bytes();
+        assert_eq!(r.read_packet(), Some(vec![0x40, 2, hi, lo]), "PUBACK {id}");
+    }
+    assert_eq!(local.wait_for(20, Duration::from_secs(5)).len(), 20);
+    assert_eq!(acked_direct(&gw), n as u64 + 20);
+}
+
+#[test]
+fn local_subscribers_by_wildcard_shared_and_persistent_session_still_get_every_message() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let (gw, _up, upstream) = gateway_with_upstream(dir.path());
+    let wild = Subscriber::start(
+        gw.port(),
+        "sensors/+/w",
+        &client_id("wild"),
+        &ClientOpts::qos(1),
+    );
+    let shared = Subscriber::start(
+        gw.port(),
+        "$share/g/sensors/shared",
+        &client_id("share"),
+        &ClientOpts::qos(1),
+    );
+    let away_id = client_id("away");
+    let away = Subscriber::start(gw.port(), "sensors/away", &away_id, &ClientOpts::qos(1));
+    drop(away); // killed: rumqttd keeps its persistent session and queues for it
+
+    let n = 30;
+    for topic in ["sensors/x/w", "sensors/shared", "sensors/away"] {
+        assert_eq!(
+            publish_seq(gw.port(), topic, n, 1),
+            n,
+            "{topic}; log:\n{}",
+            gw.log()
+        );
+    }
+    assert_eq!(acked_direct(&gw), 0, "every topic has a local subscriber");
+    for (sub, topic) in [(&wild, "sensors/x/w"), (&shared, "sensors/shared")] {
+        let report = check_seq(&sub.wait_for(n, Duration::from_secs(10)), topic, n);
+        assert!(
+            report.missing.is_empty() && report.out_of_order == 0,
+            "{topic}: {}",
+            report.summary()
+        );
+    }
+    let back = Subscriber::start(gw.port(), "sensors/away", &away_id, &ClientOpts::qos(1));
+    let report = check_seq(
+        &back.wait_for(n, Duration::from_secs(10)),
+        "sensors/away",
+        n,
+    );
+    assert!(
+        report.missing.is_empty(),
+        "queued while away: {}",
+        report.summary()
+    );
+    for topic in ["sensors/x/w", "sensors/shared", "sensors/away"] {
+        assert_complete_in_order(&upstream, topic, n, &gw);
+    }
+}
+
+#[test]
+fn after_an_unsubscribe_or_a_clean_disconnect_messages_go_direct_again() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let (gw, _up, _upstream) = gateway_with_upstream(dir.path());
+    let port = gw.port();
+    let subscribe = |id: &str| {
+        let (mut r, ack) = Raw::connect(port, &connect_v4(id, 30, None, None));
+        assert_eq!(ack.as_deref(), Some(&CONNACK_OK[..]));
+        r.send(&subscribe_v4(1, "sensors/+/u", 1));
+        assert_eq!(r.read_packet().map(|p| p[0]), Some(0x90), "SUBACK");
+        r
+    };
+    let mut sub = subscribe(&client_id("u1"));
+    publish_seq(port, "sensors/a/u", 5, 1);
+    assert_eq!(acked_direct(&gw), 0);
+    for _ in 0..5 {
+        assert_eq!(
+            sub.read_packet().map(|p| p[0] & 0xf0),
+            Some(0x30),
+            "PUBLISH"
+        );
+    }
+
+    sub.send(&unsubscribe_v4(2, "sensors/+/u"));
+    assert_eq!(sub.read_packet().map(|p| p[0]), Some(0xb0), "UNSUBACK");
+    publish_seq(port, "sensors/a/u", 5, 1);
+    assert_eq!(acked_direct(&gw), 5, "unsubscribed: direct again");
+
+    let mut sub = subscribe(&client_id("u2"));
+    publish_seq(port, "sensors/b/u", 5, 1);
+    assert_eq!(acked_direct(&gw), 5);
+    sub.send(&[0xe0, 0]);
+    assert!(sub.closed_within(Duration::from_secs(3)));
+    publish_seq(port, "sensors/b/u", 5, 1);
+    assert_eq!(acked_direct(&gw), 10, "clean session gone: direct again");
+
+    // A subscriber that vanishes without DISCONNECT (clean session) is released too.
+    let sub = subscribe(&client_id("u3"));
+    publish_seq(port, "sensors/c/u", 5, 1);
+    assert_eq!(acked_direct(&gw), 10);
+    drop(sub);
+    let released = wait_until(Duration::from_secs(5), || {
+        publish_seq(port, "sensors/c/u", 1, 1);
+        acked_direct(&gw) > 10
+    });
+    assert!(released, "log:\n{}", gw.log());
+}
+
+#[test]
+fn a_device_publishing_only_direct_messages_is_kept_alive_without_unsolicited_pingresps() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let (gw, _up, upstream) = gateway_with_upstream(dir.path());
+    // Keep-alive 2 s: rumqttd would cut the loopback connection after 3 s without a read.
+    let (mut r, ack) = Raw::connect(gw.port(), &connect_v4(&client_id("ka"), 2, None, None));
+    assert_eq!(ack.as_deref(), Some(&CONNACK_OK[..]));
+    let start = Instant::now();
+    let mut id = 0u16;
+    while start.elapsed() < Duration::from_secs(7) {
+        id += 1;
+        r.send(&publish_v4(
+            "sensors/ka",
+            1,
+            id,
+            (id - 1).to_string().as_bytes(),
+        ));
+        let [hi, lo] = id.to_be_bytes();
+        assert_eq!(
+            r.read_packet(),
+            Some(vec![0x40, 2, hi, lo]),
+            "after {:?}: PUBACK {id} (and nothing else); log:\n{}",
+            start.elapsed(),
+            gw.log()
+        );
+        if id == 10 {
+            // The device's own PINGREQ still gets its PINGRESP.
+            r.send(&[0xc0, 0]);
+            assert_eq!(r.read_packet(), Some(vec![0xd0, 0]), "PINGRESP");
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+    r.send(&[0xc0, 0]);
+    assert_eq!(r.read_packet(), Some(vec![0xd0, 0]), "still connected");
+    assert_eq!(acked_direct(&gw), u64::from(id));
+    assert_complete_in_order(&upstream, "sensors/ka", usize::from(id), &gw);
+    r.s.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("setting a read timeout");
+    assert_eq!(r.read_packet(), None, "no unsolicited packet");
+}
+
+#[test]
+fn a_retained_message_without_a_subscriber_still_reaches_a_later_one() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let (gw, _up, upstream) = gateway_with_upstream(dir.path());
+    let out = publish_with(gw.port(), "sensors/ret", "kept", true, &ClientOpts::qos(1));
+    assert!(out.status.success(), "{}", output_text(&out));
+    let late = Subscriber::start(
+        gw.port(),
+        "sensors/ret",
+        &client_id("late"),
+        &ClientOpts::qos(1),
+    );
+    assert_eq!(
+        late.wait_for(1, Duration::from_secs(5)),
+        vec![("sensors/ret".to_string(), "kept".to_string())]
+    );
+    assert_eq!(acked_direct(&gw), 0);
+    assert_eq!(upstream.wait_for(1, Duration::from_secs(10)).len(), 1);
+}
+
+#[test]
+fn an_alias_set_by_a_direct_message_works_once_a_subscriber_appears() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let (gw, _up, _upstream) = gateway_with_upstream(dir.path());
+    let (mut r, _) = Raw::connect(gw.port(), &connect_v5(&client_id("alias")));
+    // Sets alias 7 on a message rumqttd never sees.
+    r.send(&publish_v5("sensors/al", &[0x23, 0, 7], b"one"));
+    assert_eq!(r.read_packet(), Some(vec![0x40, 2, 0, 1]));
+    assert_eq!(acked_direct(&gw), 1);
+    let sub = Subscriber::start(gw.port(), "sensors/al", &client_id("as"), &v5(1));
+    let mut second = publish_v5("", &[0x23, 0, 7], b"two");
+    second[5] = 2; // packet id 2
+    r.send(&second);
+    assert_eq!(r.read_packet().map(|p| p[0]), Some(0x40));
+    assert_eq!(
+        sub.wait_for(1, Duration::from_secs(5)),
+        vec![("sensors/al".to_string(), "two".to_string())],
+        "log:\n{}",
+        gw.log()
+    );
+    assert_eq!(acked_direct(&gw), 1);
+}
+
+#[test]
+fn an_mqtt5_session_with_an_expiry_keeps_its_subscription_counted_after_it_vanishes() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let (gw, _up, _upstream) = gateway_with_upstream(dir.path());
+    let id = client_id("v5p");
+    // CONNECT: clean start 0, session expiry 300 s.
+    let mut body = field(b"MQTT");
+    body.extend_from_slice(&[5, 0x00, 0, 30, 5, 0x11, 0, 0, 0x01, 0x2c]);
+    body.extend(field(id.as_bytes()));
+    let connect = packet(0x10, &body);
+    let (mut r, ack) = Raw::connect(gw.port(), &connect);
+    assert_eq!(ack.map(|a| a[0]), Some(0x20), "CONNACK");
+    let mut sub = vec![0, 1, 0];
+    sub.extend(field(b"sensors/v5p"));
+    sub.push(1);
+    r.send(&packet(0x82, &sub));
+    assert_eq!(r.read_packet().map(|p| p[0]), Some(0x90), "SUBACK");
+    drop(r); // gone without DISCONNECT; rumqttd keeps the session
+    thread::sleep(Duration::from_millis(300));
+
+    assert_eq!(publish_seq(gw.port(), "sensors/v5p", 3, 1), 3);
+    assert_eq!(
+        acked_direct(&gw),
+        0,
+        "the session's subscription still counts"
+    );
+    let (mut r, ack) = Raw::connect(gw.port(), &connect);
+    assert_eq!(ack.map(|a| a[0]), Some(0x20), "CONNACK");
+    for _ in 0..3 {
+        assert_eq!(
+            r.read_packet().map(|p| p[0] & 0xf0),
+            Some(0x30),
+            "a queued PUBLISH; log:\n{}",
+            gw.log()
+        );
+    }
+}

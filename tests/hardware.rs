@@ -373,3 +373,63 @@ fn an_output_goes_to_its_fail_safe_state_when_the_uplink_stays_down_too_long() {
     );
     assert!(gw.log().contains("uplink down too long"));
 }
+
+#[test]
+fn a_local_command_on_a_topic_a_forward_rule_also_takes_still_reaches_its_output() {
+    // With the front, a stored message without a local subscriber never reaches rumqttd; the
+    // output's command topic is subscribed in-process, so it must count as one.
+    let up = Mosquitto::start(MosquittoOpts::default());
+    let upstream = Subscriber::start(up.port(), "cmd/#", &client_id("up"), &ClientOpts::qos(1));
+    let mut gw = retry_on_port_clash(5, || {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let yaml = gateway_yaml(&dir, free_port(), Some(&up.url()), "", "")
+            .replace("- local: \"sensors/#\"", "- local: \"#\"")
+            .replace(
+                "  downlink:\n    - remote: \"edgegate/{gateway_id}/cmd/#\"\n      local: \"cmd/\"\n",
+                "",
+            )
+            + &format!(
+                "gpio:\n  backend: sim\n  sim_state_file: {}/gpio.json\n  outputs:\n    - name: relay1\n      pin: GPIO27\n      initial: off\n      fail_safe: off\n",
+                dir.display()
+            );
+        let gw = Gateway::try_start_with(&dir, &yaml)?;
+        std::mem::forget(tmp);
+        Ok(gw)
+    });
+    let state_file = gw.dir().join("gpio.json");
+    let level = || -> Option<u64> {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state_file).ok()?).ok()?;
+        doc["GPIO27"].as_u64()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || level() == Some(0)),
+        "initial state off: {:?}\n{}",
+        level(),
+        gw.log()
+    );
+    publish(gw.port(), "cmd/relay1", "on", 1);
+    assert!(
+        wait_until(Duration::from_secs(5), || level() == Some(1)),
+        "the relay did not follow a local QoS 1 command:\n{}",
+        gw.log()
+    );
+    publish(gw.port(), "cmd/relay1", "off", 0);
+    assert!(
+        wait_until(Duration::from_secs(5), || level() == Some(0)),
+        "the relay did not follow a local QoS 0 command:\n{}",
+        gw.log()
+    );
+    // And the rule `#` stored and forwarded both.
+    let got = upstream.wait_for(2, Duration::from_secs(10));
+    assert_eq!(
+        got,
+        vec![
+            ("cmd/relay1".to_string(), "on".to_string()),
+            ("cmd/relay1".to_string(), "off".to_string())
+        ]
+    );
+    let status = gw.sigterm_and_wait(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", gw.log());
+}

@@ -218,6 +218,13 @@ impl Broker {
         self.front.as_ref().map(Front::counters)
     }
 
+    /// The front's local subscription registry, when the front is on: an in-process
+    /// subscriber on a [`Broker::link`] registers its filters there first, or the front would
+    /// acknowledge messages on them without passing them to rumqttd.
+    pub fn front_subscriptions(&self) -> Option<Arc<crate::front::Subscriptions>> {
+        self.front.as_ref().map(Front::subscriptions)
+    }
+
     /// A local (in-process, QoS 0) connection to the router.
     pub fn link(&self, name: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
         (self.link_factory)(name).map_err(|reason| BrokerError::Link {

@@ -2,15 +2,19 @@
 //!
 //! Device → broker is a FIFO: each packet is an entry; a held PUBLISH's entry carries the
 //! [`PendingCommit`] of its row, and no entry is written to rumqttd before every entry ahead of
-//! it. Broker → device is a plain byte copy.
+//! it. A direct entry (stored, no local subscriber, see [`super::subs`]) leaves the FIFO in its
+//! turn as the front's own PUBACK (QoS 1) or as nothing (QoS 0) instead of going to rumqttd.
+//! Broker → device is a byte copy that counts rumqttd's PUBACKs, so the front's own answers are
+//! written between them in the order of the device's packets, and that drops the PINGRESPs to
+//! the PINGREQs the front sent to keep rumqttd's keep-alive.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -18,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::packet::{self, ConnectError, Frame, Malformed};
-use super::{props, Acl, Refusal, Shared};
+use super::{props, Acl, Refusal, Shared, Subscriptions};
 use crate::sources::local::RuleSettings;
 use crate::store::{Durability, PendingCommit};
 
@@ -36,6 +40,11 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 /// Keep-alive 0 ("never time out") becomes this: rumqttd refuses 0 and cuts a client after
 /// 1.5 × keep-alive without traffic (65535 s: about 27 hours).
 const KEEP_ALIVE_FOR_ZERO: u16 = u16::MAX;
+/// What the front sends rumqttd to keep a connection alive whose messages all skip it.
+const PINGREQ: [u8; 2] = [0xc0, 0x00];
+/// Packet type of PINGRESP (0xd0) and PUBACK (0x40) in the fixed header's high nibble.
+const PINGRESP_KIND: u8 = 13;
+const PUBACK_KIND: u8 = 4;
 
 /// Why a connection ended.
 enum Close {
@@ -240,7 +249,19 @@ where
     broker_wr.write_all(&connect_bytes).await?;
     tracing::debug!(%peer, client_id = c.client_id, level, "device connected through the front");
 
-    let fixups = Fixups::default();
+    let between = Between::default();
+    let session = Session {
+        level,
+        // rumqttd times a client out after 1.5 × the keep-alive it was given.
+        keep_alive: Duration::from_secs(u64::from(if c.keep_alive == 0 {
+            KEEP_ALIVE_FOR_ZERO
+        } else {
+            c.keep_alive
+        })),
+        // rumqttd keeps a session's subscriptions after the connection unless it is clean (it
+        // ignores the session expiry; a v5 expiry > 0 is kept too, which is only more).
+        persistent: !(c.clean && (level == 4 || c.session_expiry == 0)),
+    };
     let (answers, answers_rx) = tokio::sync::mpsc::channel(16);
     let device = DeviceSide {
         rd: &mut dev_rd,
@@ -249,9 +270,9 @@ where
     };
     let mut d2b = std::pin::pin!(device_to_broker(
         shared,
-        level,
+        &session,
         &acl,
-        &fixups,
+        &between,
         device,
         &mut broker_wr,
     ));
@@ -259,7 +280,7 @@ where
         &mut broker_rd,
         &mut dev_wr,
         level,
-        &fixups,
+        &between,
         answers_rx,
     ));
     let ended = tokio::select! {
@@ -309,29 +330,38 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Copies rumqttd's packets to the device, whole packets per write. Decodes only fixed headers
-/// (to keep packet boundaries) and the SUBACKs the front must complete ([`Fixup`]); writes the
-/// front's own answers between packets.
+/// (to keep packet boundaries, count PUBACKs and drop the PINGRESPs to the front's own PINGREQs)
+/// and the SUBACKs the front must complete ([`Fixup`]); writes the front's own answers between
+/// packets, each once rumqttd has sent the PUBACKs that must precede it.
 async fn broker_to_device<R, W>(
     broker_rd: &mut R,
     dev_wr: &mut W,
     level: u8,
-    fixups: &Fixups,
-    mut answers: tokio::sync::mpsc::Receiver<Bytes>,
+    between: &Between,
+    mut answers: tokio::sync::mpsc::Receiver<Answer>,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(16 * 1024);
+    // The front's answers waiting for rumqttd's PUBACKs, and how many PUBACKs were copied.
+    let mut waiting: VecDeque<Answer> = VecDeque::new();
+    let mut pubacks = 0u64;
     loop {
         tokio::select! {
             biased;
-            Some(answer) = answers.recv() => dev_wr.write_all(&answer).await?,
+            Some(answer) = answers.recv() => waiting.push_back(answer),
             n = broker_rd.read_buf(&mut buf) => {
                 if n? == 0 {
+                    // Best effort: rumqttd is gone, the PUBACKs these waited for will not come.
+                    for a in waiting.drain(..) {
+                        dev_wr.write_all(&a.bytes).await?;
+                    }
                     return Ok(());
                 }
-                // Whole packets go out as they are, up to the first SUBACK to complete.
+                // Whole packets go out as they are, up to the first SUBACK to complete or
+                // PINGRESP to drop.
                 let mut at = 0;
                 loop {
                     let f = match packet::frame(&buf[at..], usize::MAX) {
@@ -343,20 +373,42 @@ where
                             break;
                         }
                     };
-                    if f.kind() == 9 {
-                        let pkt = &buf[at..at + f.len];
-                        let fix = packet::packet_id(pkt, &f).and_then(|id| {
-                            fixups.lock().unwrap_or_else(|e| e.into_inner()).remove(&id)
-                        });
-                        if let Some(fix) = fix {
-                            let code = if level == 5 { 0x87 } else { 0x80 };
+                    match f.kind() {
+                        PUBACK_KIND => {
+                            pubacks += 1;
+                            // The front's answers due right after this PUBACK go out before
+                            // rumqttd's next one.
+                            if waiting.front().is_some_and(|a| a.after_pubacks <= pubacks) {
+                                at += f.len;
+                                dev_wr.write_all(&buf[..at]).await?;
+                                let _ = buf.split_to(at);
+                                at = 0;
+                                release(&mut waiting, pubacks, dev_wr).await?;
+                                continue;
+                            }
+                        }
+                        PINGRESP_KIND if take_one(&between.pings) => {
                             dev_wr.write_all(&buf[..at]).await?;
-                            let whole = packet::suback_with_denied(pkt, &f, level, fix.total, &fix.denied, code);
-                            dev_wr.write_all(whole.as_deref().unwrap_or(pkt)).await?;
                             let _ = buf.split_to(at + f.len);
                             at = 0;
                             continue;
                         }
+                        9 => {
+                            let pkt = &buf[at..at + f.len];
+                            let fix = packet::packet_id(pkt, &f).and_then(|id| {
+                                between.fixups.lock().unwrap_or_else(|e| e.into_inner()).remove(&id)
+                            });
+                            if let Some(fix) = fix {
+                                let code = if level == 5 { 0x87 } else { 0x80 };
+                                dev_wr.write_all(&buf[..at]).await?;
+                                let whole = packet::suback_with_denied(pkt, &f, level, fix.total, &fix.denied, code);
+                                dev_wr.write_all(whole.as_deref().unwrap_or(pkt)).await?;
+                                let _ = buf.split_to(at + f.len);
+                                at = 0;
+                                continue;
+                            }
+                        }
+                        _ => {}
                     }
                     at += f.len;
                 }
@@ -366,7 +418,27 @@ where
                 }
             }
         }
+        release(&mut waiting, pubacks, dev_wr).await?;
     }
+}
+
+/// Writes the waiting answers that are due after `pubacks` PUBACKs from rumqttd.
+async fn release<W: AsyncWrite + Unpin>(
+    waiting: &mut VecDeque<Answer>,
+    pubacks: u64,
+    dev_wr: &mut W,
+) -> std::io::Result<()> {
+    while waiting.front().is_some_and(|a| a.after_pubacks <= pubacks) {
+        let a = waiting.pop_front().expect("front exists");
+        dev_wr.write_all(&a.bytes).await?;
+    }
+    Ok(())
+}
+
+/// Decrements `n` if it is above 0; whether it was.
+fn take_one(n: &AtomicU32) -> bool {
+    n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 /// Length of the fixed header of a whole packet in `buf`.
@@ -398,6 +470,46 @@ struct Entry {
     commit: Option<PendingCommit>,
     /// An answer of the front itself (a SUBACK refusing every filter): goes to the device.
     to_device: bool,
+    /// A stored PUBLISH without a local subscriber: answered by the front, not passed on.
+    direct: Option<Direct>,
+}
+
+impl Entry {
+    fn plain(bytes: Bytes) -> Entry {
+        Entry {
+            bytes,
+            commit: None,
+            to_device: false,
+            direct: None,
+        }
+    }
+}
+
+/// A stored, non-retained QoS 0/1 PUBLISH no local filter matched when it was read.
+struct Direct {
+    /// QoS 1: the identifier to PUBACK.
+    pkid: Option<u16>,
+    /// The subscription generation of that verdict: if it changed by the time the entry leaves
+    /// the FIFO, the topic is looked up again, so a subscription registered meanwhile gets it.
+    generation: u64,
+    topic: Bytes,
+}
+
+/// One of the front's own packets for the device, written by `broker_to_device` once rumqttd
+/// has sent its first `after_pubacks` PUBACKs: a device gets its PUBACKs in the order of its
+/// PUBLISHes (MQTT-4.6.0-2) whether rumqttd or the front sends them.
+struct Answer {
+    bytes: Bytes,
+    after_pubacks: u64,
+}
+
+/// What the two directions of one connection share.
+#[derive(Default)]
+struct Between {
+    /// SUBSCRIBEs the front cut down, by packet identifier.
+    fixups: std::sync::Mutex<HashMap<u16, Fixup>>,
+    /// PINGREQs the front sent rumqttd on its own: that many PINGRESPs are not the device's.
+    pings: AtomicU32,
 }
 
 /// A SUBSCRIBE the front cut down to its allowed filters: rumqttd's SUBACK gets the failure
@@ -407,33 +519,79 @@ struct Fixup {
     denied: Vec<usize>,
 }
 
-/// Per connection, by packet identifier.
-type Fixups = std::sync::Mutex<HashMap<u16, Fixup>>;
+/// What the CONNECT settled about a connection.
+struct Session {
+    level: u8,
+    /// As rumqttd got it (0 rewritten).
+    keep_alive: Duration,
+    /// rumqttd keeps the session's subscriptions after the connection ends.
+    persistent: bool,
+}
 
-/// Route and ACL verdict of one topic, cached per connection.
+/// Route, ACL verdict and possible local subscriber of one topic, cached per connection.
 #[derive(Clone, Copy)]
 struct TopicInfo {
     rule: Option<RuleSettings>,
     allowed: bool,
+    subscribed: bool,
 }
 
 /// What one device packet becomes.
 enum Action {
     Forward(Entry),
     /// A QoS 1/2 PUBLISH whose row was queued in `DeviceState::rows`: held until it commits.
-    Held(Bytes),
+    Held(Bytes, Option<Direct>),
     /// DISCONNECT: forward it, then end (`true`: MQTT 5 reason 0x04, publish the will).
     Disconnect(Entry, bool),
+}
+
+/// The filters this connection registered in the front's [`Subscriptions`], released when it
+/// ends unless rumqttd keeps its session.
+struct OwnFilters<'a> {
+    subs: &'a Subscriptions,
+    /// As the device wrote them (UNSUBSCRIBE names them so), `$share/` prefix included.
+    filters: HashSet<String>,
+    keep: bool,
+}
+
+impl OwnFilters<'_> {
+    fn add(&mut self, filter: &str) {
+        // A repeated SUBSCRIBE replaces the subscription: one registration per filter.
+        if self.filters.insert(filter.to_string()) {
+            self.subs.add(filter);
+        }
+    }
+
+    fn remove(&mut self, filter: &str) {
+        if self.filters.remove(filter) {
+            self.subs.remove(filter);
+        }
+    }
+}
+
+impl Drop for OwnFilters<'_> {
+    fn drop(&mut self) {
+        // A persistent session's subscriptions live on in rumqttd (in memory, until this
+        // process ends): so do their registrations.
+        if !self.keep {
+            for f in self.filters.drain() {
+                self.subs.remove(&f);
+            }
+        }
+    }
 }
 
 struct DeviceState<'a> {
     shared: &'a Shared,
     level: u8,
     acl: &'a Acl,
-    fixups: &'a Fixups,
+    between: &'a Between,
     topics: HashMap<Bytes, TopicInfo>,
     /// The rules generation `topics` was filled under.
     rules_generation: Option<u64>,
+    /// The subscription generation `topics` was filled under.
+    subs_generation: u64,
+    own: OwnFilters<'a>,
     aliases: HashMap<u16, Bytes>,
     /// Rows of the packets parsed since the last append.
     rows: Vec<crate::store::NewMessage>,
@@ -444,14 +602,14 @@ struct DeviceSide<'a, R> {
     rd: &'a mut R,
     rbuf: BytesMut,
     /// The front's own answers, written by `broker_to_device`.
-    answers: tokio::sync::mpsc::Sender<Bytes>,
+    answers: tokio::sync::mpsc::Sender<Answer>,
 }
 
 async fn device_to_broker<R, W>(
     shared: &Shared,
-    level: u8,
+    session: &Session,
     acl: &Acl,
-    fixups: &Fixups,
+    between: &Between,
     device: DeviceSide<'_, R>,
     broker_wr: &mut W,
 ) -> Result<Ended, Close>
@@ -466,17 +624,31 @@ where
     } = device;
     let mut st = DeviceState {
         shared,
-        level,
+        level: session.level,
         acl,
-        fixups,
+        between,
         topics: HashMap::new(),
         rules_generation: shared.durable.as_ref().map(|d| d.uplink.generation()),
+        subs_generation: shared.subs.generation(),
+        own: OwnFilters {
+            subs: &shared.subs,
+            filters: HashSet::new(),
+            keep: session.persistent,
+        },
         aliases: HashMap::new(),
         rows: Vec::new(),
     };
     let mut fifo: VecDeque<Entry> = VecDeque::new();
     let mut out = BytesMut::new();
-    let mut to_device: Vec<Bytes> = Vec::new();
+    // The answers of one pass, as (bytes, PUBACKs from rumqttd before them): consecutive ones
+    // with the same position share one write.
+    let mut to_device: Vec<(Vec<u8>, u64)> = Vec::new();
+    // QoS 1 PUBLISHes passed to rumqttd: each gets a PUBACK from it.
+    let mut passed_qos1 = 0u64;
+    // rumqttd cuts a client after 1.5 × keep-alive with nothing read; a device whose messages
+    // all skip rumqttd is kept alive with PINGREQs, one at most every quarter keep-alive.
+    let mut last_to_broker = Instant::now();
+    let ping_every = session.keep_alive / 4;
     // Set once the device sent DISCONNECT or closed: the FIFO is drained, then the loop ends.
     let mut end: Option<Ended> = None;
     let mut queued_bytes = 0usize;
@@ -494,15 +666,14 @@ where
                     queued_bytes += e.bytes.len();
                     fifo.push_back(e);
                 }
-                Action::Held(bytes) => {
+                Action::Held(bytes, direct) => {
                     // Until the append below, a held entry's commit is unset; the entry is
                     // released only once that commit resolves, so nothing overtakes it.
                     first_held.get_or_insert(fifo.len());
                     queued_bytes += bytes.len();
                     fifo.push_back(Entry {
-                        bytes,
-                        commit: None,
-                        to_device: false,
+                        direct,
+                        ..Entry::plain(bytes)
                     });
                 }
                 Action::Disconnect(e, with_will) => {
@@ -518,6 +689,7 @@ where
         }
         st.append_rows(first_held.and_then(|i| fifo.get_mut(i)));
         // Pass on everything ready at the head, in one write.
+        let mut skipped = false;
         while let Some(head) = fifo.front_mut() {
             if let Some(commit) = head.commit.as_mut() {
                 match poll_now(commit) {
@@ -528,20 +700,52 @@ where
             let e = fifo.pop_front().expect("front exists");
             queued_bytes -= e.bytes.len();
             if e.to_device {
-                to_device.push(e.bytes);
-            } else {
-                out.extend_from_slice(&e.bytes);
+                push_answer(&mut to_device, &e.bytes, passed_qos1);
+                continue;
+            }
+            match e.direct {
+                Some(d) if st.still_unsubscribed(&d) => {
+                    skipped = true;
+                    let counters = &shared.counters;
+                    match d.pkid {
+                        Some(id) => {
+                            counters.acked_direct.fetch_add(1, Ordering::Relaxed);
+                            let [hi, lo] = id.to_be_bytes();
+                            push_answer(&mut to_device, &[0x40, 0x02, hi, lo], passed_qos1);
+                        }
+                        None => {
+                            counters.skipped_qos0.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                _ => {
+                    if is_qos1_publish(&e.bytes) {
+                        passed_qos1 += 1;
+                    }
+                    out.extend_from_slice(&e.bytes);
+                }
+            }
+        }
+        if skipped && out.is_empty() && last_to_broker.elapsed() >= ping_every {
+            between.pings.fetch_add(1, Ordering::AcqRel);
+            out.extend_from_slice(&PINGREQ);
+        }
+        // The answers first: `broker_to_device` (polled by the same task) then knows them
+        // before any PUBACK rumqttd sends for what follows, and can put each in its place.
+        for (bytes, after_pubacks) in to_device.drain(..) {
+            let answer = Answer {
+                bytes: Bytes::from(bytes),
+                after_pubacks,
+            };
+            // The broker-to-device side has ended when this fails: so does the connection.
+            if answers.send(answer).await.is_err() {
+                return Ok(Ended::BrokerGone);
             }
         }
         if !out.is_empty() {
             broker_wr.write_all(&out).await?;
             out.clear();
-        }
-        for b in to_device.drain(..) {
-            // The broker-to-device side has ended when this fails: so does the connection.
-            if answers.send(b).await.is_err() {
-                return Ok(Ended::BrokerGone);
-            }
+            last_to_broker = Instant::now();
         }
         if fifo.is_empty() {
             if let Some(e) = end.take() {
@@ -565,6 +769,19 @@ where
             }
         }
     }
+}
+
+fn push_answer(to_device: &mut Vec<(Vec<u8>, u64)>, bytes: &[u8], after_pubacks: u64) {
+    match to_device.last_mut() {
+        Some((b, after)) if *after == after_pubacks => b.extend_from_slice(bytes),
+        _ => to_device.push((bytes.to_vec(), after_pubacks)),
+    }
+}
+
+/// Whether a whole packet is a QoS 1 PUBLISH (rumqttd answers it with a PUBACK).
+fn is_qos1_publish(pkt: &[u8]) -> bool {
+    pkt.first()
+        .is_some_and(|h| h >> 4 == packet::PUBLISH && (h >> 1) & 0x03 == 1)
 }
 
 /// A commit's result: a store failure closes the connection without passing the message on
@@ -605,23 +822,31 @@ fn poll_now<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
 
 impl DeviceState<'_> {
     async fn handle(&mut self, pkt: Bytes, f: &Frame) -> Result<Action, Close> {
-        let plain = |bytes| {
-            Action::Forward(Entry {
-                bytes,
-                commit: None,
-                to_device: false,
-            })
-        };
+        let plain = |bytes| Action::Forward(Entry::plain(bytes));
         match f.kind() {
             packet::PUBLISH => self.publish(pkt, f),
             packet::SUBSCRIBE | packet::UNSUBSCRIBE => {
                 let filters = packet::filters(&pkt, f, self.level)?;
                 if f.kind() == packet::UNSUBSCRIBE {
+                    // Released before rumqttd has the UNSUBSCRIBE: a message published until
+                    // the UNSUBACK may or may not be delivered (MQTT-3.10.4), so skipping it
+                    // from now on is allowed.
+                    for (fl, _) in &filters {
+                        self.own.remove(fl);
+                    }
                     return Ok(plain(pkt));
                 }
                 let denied: Vec<usize> = (0..filters.len())
                     .filter(|&i| !self.acl.may_subscribe(filters[i].0))
                     .collect();
+                // Registered before rumqttd gets the SUBSCRIBE: from now on no message on
+                // these topics skips rumqttd (see `still_unsubscribed` for those read earlier
+                // and still held).
+                for (i, (fl, _)) in filters.iter().enumerate() {
+                    if !denied.contains(&i) {
+                        self.own.add(fl);
+                    }
+                }
                 if self.level == 4 {
                     let mut new = false;
                     for (i, (fl, _)) in filters.iter().enumerate() {
@@ -643,9 +868,8 @@ impl DeviceState<'_> {
                 if denied.len() == filters.len() {
                     let codes = vec![code; filters.len()];
                     return Ok(Action::Forward(Entry {
-                        bytes: Bytes::from(packet::suback(pkid, self.level, &codes)),
-                        commit: None,
                         to_device: true,
+                        ..Entry::plain(Bytes::from(packet::suback(pkid, self.level, &codes)))
                     }));
                 }
                 let edits: Vec<(std::ops::Range<usize>, &[u8])> = denied
@@ -653,7 +877,8 @@ impl DeviceState<'_> {
                     .map(|&i| (filters[i].1.clone(), &[][..]))
                     .collect();
                 let allowed = Bytes::from(packet::splice(&pkt, f, &edits));
-                self.fixups
+                self.between
+                    .fixups
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(
@@ -668,14 +893,7 @@ impl DeviceState<'_> {
             packet::DISCONNECT => {
                 packet::check_other(&pkt, f, self.level)?;
                 let with_will = self.level == 5 && pkt.get(f.header_len) == Some(&0x04);
-                Ok(Action::Disconnect(
-                    Entry {
-                        bytes: pkt,
-                        commit: None,
-                        to_device: false,
-                    },
-                    with_will,
-                ))
+                Ok(Action::Disconnect(Entry::plain(pkt), with_will))
             }
             _ => {
                 packet::check_other(&pkt, f, self.level)?;
@@ -738,27 +956,34 @@ impl DeviceState<'_> {
         };
 
         let (Some(rule), true) = (info.rule, self.shared.durable.is_some()) else {
-            return Ok(Action::Forward(Entry {
-                bytes,
-                commit: None,
-                to_device: false,
-            }));
+            return Ok(Action::Forward(Entry::plain(bytes)));
         };
         self.rows
             .push(rule.row(topic_str.to_string(), pkt.slice(p.payload.clone())));
+        // Stored, and nobody local can receive it: the front answers the device itself. A
+        // retained message must reach rumqttd (a later subscriber gets it), and QoS 2 keeps
+        // rumqttd's exchange. Skipping a PUBLISH that sets a topic alias is safe: rumqttd is
+        // always given the topic itself when a later packet uses only the alias (above).
+        let direct = (p.qos < 2 && !p.retain && !info.subscribed).then(|| Direct {
+            pkid: (p.qos == 1).then(|| {
+                let at = p.topic_field.end;
+                u16::from_be_bytes([pkt[at], pkt[at + 1]])
+            }),
+            generation: self.subs_generation,
+            topic: topic.clone(),
+        });
         if p.qos == 0 {
             self.shared
                 .counters
                 .stored_qos0
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(Action::Forward(Entry {
-                bytes,
-                commit: None,
-                to_device: false,
+                direct,
+                ..Entry::plain(bytes)
             }));
         }
         self.shared.counters.held.fetch_add(1, Ordering::Relaxed);
-        Ok(Action::Held(bytes))
+        Ok(Action::Held(bytes, direct))
     }
 
     /// Hands the rows of the packets just read to the store as one append (one transaction).
@@ -779,12 +1004,22 @@ impl DeviceState<'_> {
         }
     }
 
+    /// Whether a direct entry leaving the FIFO still has no local subscriber.
+    fn still_unsubscribed(&self, d: &Direct) -> bool {
+        let subs = &self.shared.subs;
+        subs.generation() == d.generation
+            || !subs.may_have_subscriber(std::str::from_utf8(&d.topic).unwrap_or(""))
+    }
+
     fn topic_info(&mut self, topic: &Bytes) -> TopicInfo {
-        // A reload may have changed the forward rules: cached verdicts are then stale.
+        // A reload may have changed the forward rules, a subscription the local subscribers:
+        // cached verdicts are then stale.
         let generation = self.shared.durable.as_ref().map(|d| d.uplink.generation());
-        if generation != self.rules_generation {
+        let subs_generation = self.shared.subs.generation();
+        if generation != self.rules_generation || subs_generation != self.subs_generation {
             self.topics.clear();
             self.rules_generation = generation;
+            self.subs_generation = subs_generation;
         }
         if let Some(i) = self.topics.get(topic) {
             return *i;
@@ -797,6 +1032,7 @@ impl DeviceState<'_> {
                 .as_ref()
                 .and_then(|d| RuleSettings::for_topic(&d.uplink.get(), text)),
             allowed: self.acl.may_publish(text),
+            subscribed: self.shared.subs.may_have_subscriber(text),
         };
         if self.topics.len() >= TOPIC_CACHE_MAX {
             self.topics.clear();

@@ -12,9 +12,24 @@
 //!   nothing overtakes a held message. The store commits whatever is queued at once
 //!   (`Durability::Now`): concurrent connections share transactions, with no fixed linger.
 //! - a QoS 0 PUBLISH on a forwarded topic is appended without waiting and passed on at once.
+//! - **direct**: a non-retained QoS 0/1 PUBLISH on a forwarded topic that no local subscription
+//!   filter matches ([`subs`]) is stored like the above but never passed on: rumqttd would only
+//!   route it to nobody (its ingest is about a third of the CPU a message costs). For QoS 1 the
+//!   front sends the PUBACK itself once the commit is done, in the FIFO's order; it reaches the
+//!   device in the order of its PUBLISHes also relative to rumqttd's PUBACKs (the copy to the
+//!   device counts those). The verdict is checked again when the message leaves the FIFO if a
+//!   filter was added meanwhile, so a SUBSCRIBE read before the commit still gets it. QoS 2
+//!   and retained messages always go to rumqttd. Filters: every allowed filter of a device's
+//!   SUBSCRIBE (registered before rumqttd gets it; `$share/<group>/` removed), released at
+//!   UNSUBSCRIBE or when a clean session ends (a persistent session's stay registered while the
+//!   process runs, as rumqttd keeps them in memory), and the in-process subscribers (`app`
+//!   registers the GPIO outputs' command topics). rumqttd drops a client after 1.5 × keep-alive
+//!   without a read: while messages skip it, the front sends it a PINGREQ whenever nothing went
+//!   to it for a quarter keep-alive, and drops as many PINGRESPs on their way to the device.
 //! - everything else is passed on as it is, after the checks below.
 //!
-//! Packets from rumqttd to the device are copied byte for byte, undecoded.
+//! Packets from rumqttd to the device are copied byte for byte, undecoded, except the PINGRESPs
+//! to the front's own PINGREQs and the SUBACKs the front completes.
 //!
 //! Every listener is the front's: plain TCP (`broker.listen`, `listen_v5`), TLS (`broker.tls`,
 //! rustls, client certificates required, [`tls`]) and WebSocket (`broker.websocket`, subprotocol
@@ -34,6 +49,7 @@
 mod conn;
 pub mod packet;
 pub mod props;
+pub mod subs;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -49,6 +65,7 @@ use crate::config::{topic, BrokerConfig, UplinkConfig};
 use crate::store::StoreHandle;
 
 pub use packet::Malformed;
+pub use subs::Subscriptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrontError {
@@ -205,6 +222,12 @@ pub struct FrontCounters {
     pub held: AtomicU64,
     /// QoS 0 publishes stored without waiting.
     pub stored_qos0: AtomicU64,
+    /// Held QoS 1 publishes the front acknowledged itself after their commit, without
+    /// rumqttd (no local subscriber; counted in `held` too).
+    pub acked_direct: AtomicU64,
+    /// Stored QoS 0 publishes not passed to rumqttd (no local subscriber; counted in
+    /// `stored_qos0` too).
+    pub skipped_qos0: AtomicU64,
     /// Wills on forwarded topics stored when a device went away without DISCONNECT.
     pub wills_stored: AtomicU64,
     /// MQTT 5 publishes (or wills) whose properties were removed so rumqttd cannot crash.
@@ -244,6 +267,8 @@ pub(crate) struct Shared {
     max_remaining: usize,
     durable: Option<Durable>,
     counters: Arc<FrontCounters>,
+    /// Local subscription filters: topics without one skip rumqttd.
+    subs: Arc<Subscriptions>,
     v4_filters: props::V4Filters,
     log_limit: std::sync::Mutex<crate::sources::hardware::RateLimited>,
 }
@@ -282,6 +307,7 @@ impl Front {
                 max_remaining: usize::try_from(cfg.max_payload_size.get()).unwrap_or(usize::MAX),
                 durable,
                 counters: Arc::new(FrontCounters::default()),
+                subs: Arc::new(Subscriptions::new()),
                 v4_filters: props::V4Filters::default(),
                 log_limit: std::sync::Mutex::new(crate::sources::hardware::RateLimited::new(
                     Duration::from_secs(1),
@@ -292,6 +318,12 @@ impl Front {
 
     pub fn counters(&self) -> Arc<FrontCounters> {
         self.shared.counters.clone()
+    }
+
+    /// The local subscription registry: in-process subscribers on rumqttd's local links must
+    /// register their filters here before subscribing (see [`subs`]).
+    pub fn subscriptions(&self) -> Arc<Subscriptions> {
+        self.shared.subs.clone()
     }
 
     /// Accepts device connections until `cancel`; each gets its own task. Returns only on an

@@ -203,6 +203,8 @@ pub struct Properties {
     pub block: Range<usize>,
     pub topic_alias: Option<u16>,
     pub subscription_identifier: bool,
+    /// Session expiry interval (CONNECT).
+    pub session_expiry: Option<u32>,
 }
 
 impl Properties {
@@ -233,8 +235,17 @@ fn properties(r: &mut Reader<'_>) -> Result<Properties, Malformed> {
                 r.u16()?;
             }
             0x23 => p.topic_alias = Some(r.u16()?),
+            0x11 => {
+                let b = r.take(4)?;
+                p.session_expiry = Some(u32::from_be_bytes([
+                    r.buf[b.start],
+                    r.buf[b.start + 1],
+                    r.buf[b.start + 2],
+                    r.buf[b.start + 3],
+                ]));
+            }
             // Four-byte integer.
-            0x02 | 0x11 | 0x18 | 0x27 => {
+            0x02 | 0x18 | 0x27 => {
                 r.take(4)?;
             }
             // Variable byte integer: subscription identifier.
@@ -271,6 +282,8 @@ pub struct Connect<'a> {
     /// 4 (MQTT 3.1.1) or 5.
     pub level: u8,
     pub clean: bool,
+    /// MQTT 5 session expiry interval in seconds (0 when absent, and on 3.1.1).
+    pub session_expiry: u32,
     pub keep_alive: u16,
     /// Offset of the keep-alive's two bytes in the packet (it may be rewritten in place).
     pub keep_alive_at: usize,
@@ -324,9 +337,11 @@ pub fn connect<'a>(pkt: &'a [u8], f: &Frame) -> Result<Connect<'a>, ConnectError
     let flags = r.u8()?;
     let keep_alive_at = r.pos;
     let keep_alive = r.u16()?;
-    if level == 5 {
-        properties(&mut r)?;
-    }
+    let session_expiry = if level == 5 {
+        properties(&mut r)?.session_expiry.unwrap_or(0)
+    } else {
+        0
+    };
     let will_flag = flags & 0x04 != 0;
     let will_qos = (flags >> 3) & 0x03;
     let will_retain = flags & 0x20 != 0;
@@ -377,6 +392,7 @@ pub fn connect<'a>(pkt: &'a [u8], f: &Frame) -> Result<Connect<'a>, ConnectError
     Ok(Connect {
         level,
         clean: flags & 0x02 != 0,
+        session_expiry,
         keep_alive,
         keep_alive_at,
         client_id,
@@ -665,6 +681,33 @@ mod tests {
         assert_eq!(c.username, Some("user"));
         assert_eq!(c.password, Some(&b"pw"[..]));
         assert_eq!(c.client_id, "dev1");
+    }
+
+    #[test]
+    fn a_v5_connect_reports_its_session_expiry_and_clean_start() {
+        // Properties: receive maximum 10, session expiry 3600 s.
+        let mut body = str_field("MQTT");
+        body.extend_from_slice(&[5, 0x02, 0, 30, 8, 0x21, 0, 10, 0x11, 0, 0, 0x0e, 0x10]);
+        body.extend(str_field("dev1"));
+        let p = pkt(0x10, &body);
+        let f = frame(&p, 1000).expect("valid").expect("whole");
+        let Ok(c) = connect(&p, &f) else {
+            panic!("CONNECT refused")
+        };
+        assert!(c.clean);
+        assert_eq!(c.session_expiry, 3600);
+        assert_eq!(c.keep_alive, 30);
+
+        let mut body = str_field("MQTT");
+        body.extend_from_slice(&[5, 0x00, 0, 30, 0]);
+        body.extend(str_field("dev1"));
+        let p = pkt(0x10, &body);
+        let f = frame(&p, 1000).expect("valid").expect("whole");
+        let Ok(c) = connect(&p, &f) else {
+            panic!("CONNECT refused")
+        };
+        assert!(!c.clean);
+        assert_eq!(c.session_expiry, 0, "absent means 0");
     }
 
     #[test]

@@ -62,6 +62,13 @@ pub struct FrontStatus {
     pub refused: BTreeMap<String, u64>,
     /// MQTT 5 publishes whose properties were removed to protect 3.1.1 subscribers.
     pub properties_stripped: u64,
+    /// Stored QoS 1 messages without a local subscriber, acknowledged by the front itself
+    /// (rumqttd never saw them).
+    #[serde(default)]
+    pub acked_direct: u64,
+    /// Stored QoS 0 messages without a local subscriber, not passed to rumqttd.
+    #[serde(default)]
+    pub skipped_qos0: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -293,6 +300,8 @@ impl Telemetry {
                     .map(|(k, n)| (k.to_string(), n))
                     .collect(),
                 properties_stripped: f.properties_stripped.load(Ordering::Relaxed),
+                acked_direct: f.acked_direct.load(Ordering::Relaxed),
+                skipped_qos0: f.skipped_qos0.load(Ordering::Relaxed),
             }),
         }
     }
@@ -439,13 +448,15 @@ impl Snapshot {
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect();
             line(format!(
-                "front:    {} connections since start; closed: {}",
+                "front:    {} connections since start; closed: {}; without rumqttd (no local subscriber): {} QoS 1 acknowledged, {} QoS 0",
                 f.connections_total,
                 if closed.is_empty() {
                     "none".to_string()
                 } else {
                     closed.join(", ")
-                }
+                },
+                f.acked_direct,
+                f.skipped_qos0,
             ));
         }
         if let Some(st) = &self.store {
@@ -595,6 +606,18 @@ impl Snapshot {
                     )
                 }))
                 .collect();
+            metric(
+                "front_acked_direct_total",
+                "counter",
+                "Stored QoS 1 device messages without a local subscriber, acknowledged by the front without the embedded broker.",
+                &one(f.acked_direct as f64),
+            );
+            metric(
+                "front_skipped_qos0_total",
+                "counter",
+                "Stored QoS 0 device messages without a local subscriber, not passed to the embedded broker.",
+                &one(f.skipped_qos0 as f64),
+            );
             metric(
                 "front_closed_total",
                 "counter",
