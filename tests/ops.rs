@@ -29,11 +29,20 @@ fn start(up: &Mosquitto, status_extra: &str, extra: &str) -> (Gateway, tempfile:
 fn status(gw: &Gateway) -> serde_json::Value {
     // --socket: the config file may be broken on purpose (SIGHUP tests).
     let sock = gw.dir().join("status.sock").display().to_string();
-    let out = run_bin(
-        gw.dir(),
-        &["status", "--json", "--socket", &sock],
-        Duration::from_secs(20),
-    );
+    // The status socket is bound after the MQTT port the harness waits for: "not running"
+    // (exit 3) right after the start means "not yet".
+    let started = std::time::Instant::now();
+    let out = loop {
+        let out = run_bin(
+            gw.dir(),
+            &["status", "--json", "--socket", &sock],
+            Duration::from_secs(20),
+        );
+        if out.status.code() != Some(3) || started.elapsed() > Duration::from_secs(10) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         out.status.success(),
         "status failed:\n{}",

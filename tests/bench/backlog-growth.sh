@@ -175,6 +175,9 @@ print(json.dumps({
     "rss_mib_end": round(int(last["rss_kib"]) / 1024, 1),
     "peak_rss_mib": round(int(last["hwm_kib"]) / 1024, 1),
     "rss_bytes_per_msg": round((int(last["rss_kib"]) - int(first["rss_kib"])) * 1024 / x, 1) if x else None,
+    # The slope once fixed-size caches (SQLite's page cache, buffers) have filled: from the first
+    # sample at >= 10 % of the run to the last. "Flat" means this, not the start-to-end ratio.
+    "rss_bytes_per_msg_after_10pct": (lambda w: round((int(last["rss_kib"]) - int(w["rss_kib"])) * 1024 / (x - int(w["x_acked"])), 2) if w and x > int(w["x_acked"]) else None)(next((r for r in rows if int(r["x_acked"]) >= x / 10), None)),
     "disk_mib_end": round(int(last["disk_bytes"]) / 2**20, 1),
     "disk_bytes_per_msg": per("disk_bytes"),
     "write_bytes_per_msg": round(int(last["write_bytes"]) / x, 1) if x else None,
