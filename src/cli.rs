@@ -131,8 +131,13 @@ pub fn run_gateway(path: &Path) -> ExitCode {
         }
     };
     crate::logging::init(&cfg.log.level, cfg.log.format);
+    // One worker, like Mosquitto's single event loop: the store and rumqttd's router have their
+    // own threads, and the tasks (device connections, forwarder, hardware) mostly wait on I/O.
+    // Measured with the load generator (1 connection, front on): ~10 % less CPU per forwarded
+    // message than 2 workers, which woke each other for every hand-over; 1 000 devices at
+    // 1 msg/s: 46 µs instead of 57 µs per message. ~100 k msg/s fit on one worker.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .thread_name("edgegate")
         .enable_all()
         .build()
