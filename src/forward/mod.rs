@@ -35,6 +35,9 @@ pub enum ForwardError {
     Client(String),
     #[error("upstream connection: {0}")]
     Connection(String),
+    /// Nothing listens on the upstream's port (TCP reset): see [`REFUSED_RETRY_MAX`].
+    #[error("upstream connection: {0}")]
+    NoListener(String),
     #[error("upstream refused the connection: {0}")]
     Refused(String),
     #[error("store: {0}")]
@@ -147,6 +150,11 @@ impl PkidPool {
     }
 }
 
+/// Longest wait before retrying after a connection refused by a reset: the host is up and its
+/// broker is not, a retry costs it a reset packet, and the link is back within this of the
+/// broker's restart instead of the full backoff step (up to `reconnect_max`).
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// How long connecting (TCP, TLS, CONNECT/CONNACK) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -199,7 +207,10 @@ impl Forwarder {
                         _ => Instant::now(),
                     };
                     let backlog = self.store.stats().await.ok();
-                    let delay = backoff.next_delay();
+                    let mut delay = backoff.next_delay();
+                    if matches!(e, ForwardError::NoListener(_)) {
+                        delay = delay.min(REFUSED_RETRY_MAX);
+                    }
                     tracing::warn!(
                         error = %msg,
                         queued_rows = backlog.as_ref().map(|s| s.rows).unwrap_or(0),
@@ -251,7 +262,8 @@ impl Forwarder {
             _ = cancel.cancelled() => return Ok(SessionEnd::Shutdown),
             r = tokio::time::timeout(CONNECT_TIMEOUT, wire::open(endpoint, tls)) => match r {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(ForwardError::Connection(e)),
+                Ok(Err(e)) if e.refused => return Err(ForwardError::NoListener(e.message)),
+                Ok(Err(e)) => return Err(ForwardError::Connection(e.message)),
                 Err(_) => return Err(ForwardError::Connection(format!("no connection to {}:{} within {CONNECT_TIMEOUT:?}", endpoint.host, endpoint.port))),
             },
         };

@@ -392,13 +392,33 @@ fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
 }
 
 /// Opens TCP (and TLS for `mqtts://`) to the upstream.
+/// Why [`open`] failed: `refused` when the host answered the TCP connect with a reset (nothing
+/// listens on the port), which costs the server nothing to repeat.
+#[derive(Debug)]
+pub struct OpenError {
+    pub message: String,
+    pub refused: bool,
+}
+
+impl From<String> for OpenError {
+    fn from(message: String) -> Self {
+        OpenError {
+            message,
+            refused: false,
+        }
+    }
+}
+
 pub async fn open(
     endpoint: &Endpoint,
     tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<Box<dyn Io>, String> {
+) -> Result<Box<dyn Io>, OpenError> {
     let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
         .await
-        .map_err(|e| format!("cannot connect to {}:{}: {e}", endpoint.host, endpoint.port))?;
+        .map_err(|e| OpenError {
+            message: format!("cannot connect to {}:{}: {e}", endpoint.host, endpoint.port),
+            refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
+        })?;
     // Batches are written whole; Nagle would only add latency to the last packet of each.
     let _ = tcp.set_nodelay(true);
     match tls {
