@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark behind docs/benchmarks.md, edgegate and the Mosquitto bridge in one sitting.
 # Raw results go to bench-results/ (JSON lines); the tables are printed at the end.
-# Takes ~35 minutes on 2 cores; run it on a quiet machine (outside load is recorded per run).
+# Takes ~28 minutes on 2 cores; run it on a quiet machine (outside load is recorded per run).
 # usage: tests/bench/run-all.sh      (needs python3, mosquitto; builds the release binaries)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,10 +32,12 @@ tests/bench/idle.sh "${IDLE_S:-60}" >"$OUT/idle.txt"
 OUT_DIR=$OUT tests/bench/backlog-growth.sh "${BACKLOG_N:-1000000}" >"$OUT/backlog-growth.txt"
 # 7. The MQTT front vs rumqttd's own listener: PUBACK rate and latency, CPU, 1 and 50 connections.
 tests/bench/front-compare.sh "${FRONT_REPEATS:-3}" release >"$OUT/front-compare.jsonl"
+# 8. Where the CPU goes end to end: the edge, the upstream mosquitto, the load generator.
+tests/bench/cpu-budget.sh "${LG_REPEATS:-3}" 300000 >"$OUT/cpu-budget.jsonl"
 date -u +%FT%TZ >"$OUT/done"
 
 python3 tests/bench/report.py "$OUT/edgegate.jsonl" "$OUT/mosquitto.jsonl"
 python3 tests/bench/loadgen-report.py "$OUT/loadgen.jsonl"
 tail -n 1 "$OUT/window-fullspeed.txt" "$OUT/window-1000.txt"
 cat "$OUT/drain.jsonl"
-cat "$OUT/idle.txt" "$OUT/backlog-growth.txt" "$OUT/front-compare.jsonl"
+cat "$OUT/idle.txt" "$OUT/backlog-growth.txt" "$OUT/front-compare.jsonl" "$OUT/cpu-budget.jsonl"
