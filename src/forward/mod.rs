@@ -371,11 +371,7 @@ impl Forwarder {
         let mut shutting_down: Option<tokio::time::Instant> = None;
         loop {
             // Fill the window from the store; everything goes into `out`, written in one go.
-            // Refill once a quarter of the window is free (at once when less is in flight):
-            // topping it up after every PUBACK read would cost a send syscall per message or
-            // two, while three quarters of the window still keep the link busy.
-            let refill = inflight.len() + (window / 4).max(1) <= window;
-            if shutting_down.is_none() && refill {
+            if shutting_down.is_none() {
                 while inflight.len() < window {
                     if buffer.is_empty() {
                         if caught_up {
