@@ -66,6 +66,11 @@ fn row_id(priority: u8, seq: i64) -> i64 {
     ((255 - i64::from(priority)) << SEQ_BITS) | (seq & SEQ_MASK)
 }
 
+/// The priority encoded in a row id (the inverse of [`row_id`]).
+fn priority_of(id: i64) -> u8 {
+    (255 - (id >> SEQ_BITS)).clamp(0, 255) as u8
+}
+
 /// What `max_bytes` is charged for one message.
 pub fn row_bytes(topic: &str, payload: &[u8]) -> u64 {
     topic.len() as u64 + payload.len() as u64 + ROW_OVERHEAD_BYTES

@@ -1348,16 +1348,29 @@ async fn unused_topics_are_deleted_once_the_queue_is_empty_and_new_ones_still_re
     let (_dir, cfg) = temp_config();
     let opened = Store::open(&cfg).expect("open");
     let h = opened.0.clone();
-    h.append(vec![msg("gone/a", 0), msg("gone/b", 0)], Durability::Now)
-        .await
-        .expect("append");
-    h.ack(ids(&all_rows(&h).await));
     let count = |path: &Path| -> i64 {
         let conn = rusqlite::Connection::open(path).expect("open with sqlite");
         conn.query_row("SELECT count(*) FROM topics", [], |r| r.get(0))
             .expect("topics")
     };
-    // The sweep runs at least once a second: allow a few.
+    // A few topics stay while the queue is empty: a forwarder that keeps up would otherwise
+    // make every device's topic be inserted again after each cleanup.
+    h.append(vec![msg("kept/a", 0), msg("kept/b", 0)], Durability::Now)
+        .await
+        .expect("append");
+    h.ack(ids(&all_rows(&h).await));
+    // The sweep runs at least once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count(&cfg.path), 2, "a few topics were deleted at once");
+
+    let many = super::worker::TOPIC_GC_EMPTY_AFTER as usize;
+    h.append(
+        (0..many).map(|i| msg(&format!("gone/{i}"), 0)).collect(),
+        Durability::Now,
+    )
+    .await
+    .expect("append");
+    h.ack(ids(&all_rows(&h).await));
     let deadline = Instant::now() + Duration::from_secs(5);
     while count(&cfg.path) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

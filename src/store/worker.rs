@@ -46,8 +46,11 @@ const EVICT_CHUNK: i64 = 256;
 const SEQ_RESERVE_STEP: i64 = 1 << 16;
 /// Topic ids kept in memory; past this the cache starts over (the table answers misses).
 const TOPIC_CACHE_MAX: usize = 4096;
-/// After this many new topics while rows are queued, unused topics are deleted (a full scan);
-/// when the queue is empty they all go, which is the common case.
+/// Unused topics are deleted once this many new ones were added: all of them when the queue is
+/// empty (cheap, and the usual state). Not at every empty moment: a queue that the forwarder
+/// keeps empty would then re-insert its devices' topics after each cleanup.
+pub(super) const TOPIC_GC_EMPTY_AFTER: u64 = 1024;
+/// While rows stay queued, after this many new topics (a scan of the table).
 const TOPIC_GC_AFTER: u64 = 1 << 16;
 
 type FreeDiskProbe = Arc<dyn Fn(&std::path::Path) -> Option<u64> + Send + Sync>;
@@ -242,8 +245,8 @@ impl Worker {
             // Not yet persisted for this run: the first insert writes a reservation.
             seq_reserved: next_seq,
             topic_ids: HashMap::new(),
-            // Leftovers of a crash are cleaned up at the first sweep with an empty queue.
-            topics_since_gc: 1,
+            // Leftovers of the last run are cleaned up at the first sweep with an empty queue.
+            topics_since_gc: TOPIC_GC_EMPTY_AFTER,
         }
     }
 
@@ -579,7 +582,7 @@ impl Worker {
                 let mut rows = del.query([first, last])?;
                 while let Some(r) = rows.next()? {
                     let (id, size): (i64, i64) = (r.get(0)?, r.get(1)?);
-                    txn.totals.remove(priority_of(id), size as u64);
+                    txn.totals.remove(super::priority_of(id), size as u64);
                     txn.freed_bytes += size as u64;
                     txn.acked += 1;
                 }
@@ -701,13 +704,9 @@ impl Worker {
         Ok(id)
     }
 
-    /// Deletes topics no queued row uses: all of them when the queue is empty (cheap, and the
-    /// usual state), else after many new topics (a scan of the table).
+    /// Deletes topics no queued row uses (see [`TOPIC_GC_EMPTY_AFTER`], [`TOPIC_GC_AFTER`]).
     fn collect_topics(&mut self) -> rusqlite::Result<()> {
-        if self.topics_since_gc == 0 {
-            return Ok(());
-        }
-        let sql = if self.totals.rows == 0 {
+        let sql = if self.totals.rows == 0 && self.topics_since_gc >= TOPIC_GC_EMPTY_AFTER {
             "DELETE FROM topics"
         } else if self.topics_since_gc >= TOPIC_GC_AFTER {
             "DELETE FROM topics WHERE id NOT IN (SELECT topic FROM messages)"
@@ -940,7 +939,7 @@ impl Worker {
         })?;
         self.unpersisted = [0; 3];
         for &(id, size) in &gone {
-            self.totals.remove(priority_of(id), size as u64);
+            self.totals.remove(super::priority_of(id), size as u64);
             self.freed_since_vacuum += size as u64;
         }
         let n = gone.len() as u64;
@@ -1070,11 +1069,6 @@ fn fail_command(cmd: Command, reason: &str) {
         }
         Command::Ack(_) => {}
     }
-}
-
-/// The priority encoded in a row id.
-fn priority_of(id: i64) -> u8 {
-    (255 - (id >> 48)).clamp(0, 255) as u8
 }
 
 /// Maps a row selected with [`MESSAGE_COLUMNS`].
