@@ -2,15 +2,29 @@
 //!
 //! # The promise this module keeps
 //! A message is *accepted* when the transaction that inserts it commits; the [`PendingCommit`]
-//! returned by [`StoreHandle::append`] resolves only then. A row leaves the file only when
+//! returned by [`StoreHandle::append`] or [`StoreHandle::offer`] resolves only then, and its
+//! [`AppendOutcome`] says how many of the rows were stored. A row leaves the file only when
 //! [`StoreHandle::ack`] says the upstream PUBACKed it, or by a counted, logged policy:
-//! `max_bytes` (`store_full`), `max_age` (`expired`). Rows refused because the disk is (nearly)
-//! full are counted as `disk_full`; they were never accepted.
+//! `max_bytes` under `drop_oldest` (`store_full`), `max_age` (`expired`).
+//!
+//! # Refusals
+//! The store may refuse new rows ([`Refusal`]): the disk is below `min_free_disk` once what the
+//! store itself still needs is counted (see `space`), the filesystem is read-only or failing,
+//! the budget is full under `drop_newest`, or a row can never fit `max_bytes`. A refusal covers
+//! a suffix of an append: the rows before it were stored, the refused one and every row after
+//! it in the same append were not, so a caller that retries them keeps their order. With
+//! [`StoreHandle::append`] (readings, QoS 0, wills) refused rows are counted as dropped; with
+//! [`StoreHandle::offer`] they come back in the outcome uncounted, for a caller that holds a
+//! device's message unacknowledged or answers it with a negative PUBACK. While it refuses, the
+//! store says so on [`StoreHandle::admission`]; it keeps forwarding and deleting what is
+//! acknowledged, and resumes by itself when the cause is gone.
 //!
 //! # Layout
 //! - `mod.rs` (this file): the public types and [`StoreHandle`], a cloneable sender of commands.
 //! - `schema`: opening the file: pragmas, schema creation and checks, quarantine of corrupt files.
-//! - `worker`: the owner thread: group commit, eviction, expiry, free-disk guard, drop logging.
+//! - `worker`: the owner thread: group commit, eviction, expiry, drop logging.
+//! - `space`: whether the disk can take more rows, and the reserve that lets deletes commit on a
+//!   full filesystem.
 //! - `readonly`: [`ReadOnlyStore`] for `edgegate buffer stats|export` next to a running daemon.
 //!
 //! # Why one thread
@@ -29,6 +43,7 @@
 
 mod readonly;
 mod schema;
+mod space;
 mod worker;
 
 #[cfg(test)]
@@ -141,14 +156,113 @@ impl Cursor {
 }
 
 /// What happened to the rows of one append once its transaction committed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AppendOutcome {
-    /// Rows committed (and still queued after this transaction's eviction).
-    pub accepted: usize,
-    /// Rows refused or evicted by policy; counted in [`DropCounters`].
-    pub dropped: usize,
-    /// Id of the last accepted row of this append.
+    /// Rows committed, from the start of the append.
+    pub stored: usize,
+    /// The rows from `stored` on, when the store refused them.
+    pub refused: Option<Refused>,
+    /// Id of the last stored row of this append.
     pub last_id: Option<i64>,
+}
+
+impl AppendOutcome {
+    /// Whether every row of the append was stored.
+    pub fn all_stored(&self) -> bool {
+        self.refused.is_none()
+    }
+
+    /// Why rows were refused, if any were.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refused.as_ref().map(|r| r.reason)
+    }
+}
+
+/// Rows the store did not take, and why. From [`StoreHandle::offer`] they are the caller's
+/// again; from [`StoreHandle::append`] they were counted as dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Refusal,
+    pub rows: Vec<NewMessage>,
+}
+
+/// Why the store did not take a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The filesystem is below `min_free_disk` (counting what the store still needs) or full.
+    DiskFull,
+    /// `max_bytes` reached under `when_full: drop_newest`, or nothing older may be evicted for
+    /// it under `drop_oldest` (only rows of its priority or lower are).
+    StoreFull,
+    /// The row alone is larger than `max_bytes`: it can never be stored.
+    TooLarge,
+    /// The filesystem is read-only (an SD card remounted after errors).
+    ReadOnly,
+    /// Writing failed with an I/O error (or the file stayed locked by another program).
+    IoError,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 5] = [
+        Refusal::DiskFull,
+        Refusal::StoreFull,
+        Refusal::TooLarge,
+        Refusal::ReadOnly,
+        Refusal::IoError,
+    ];
+
+    /// Stable name, for metrics, status and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::DiskFull => "disk_full",
+            Refusal::StoreFull => "store_full",
+            Refusal::TooLarge => "too_large",
+            Refusal::ReadOnly => "read_only",
+            Refusal::IoError => "io_error",
+        }
+    }
+
+    /// Whether waiting can help: a row larger than the whole budget never fits.
+    pub fn is_permanent(self) -> bool {
+        self == Refusal::TooLarge
+    }
+
+    /// What it means, for the person reading the log or `status`.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Refusal::DiskFull => {
+                "the filesystem holding the store is below store.min_free_disk (counting what the store still needs) or full"
+            }
+            Refusal::StoreFull => "the store reached store.max_bytes (when_full: drop_newest)",
+            Refusal::TooLarge => "a message is larger than store.max_bytes",
+            Refusal::ReadOnly => "the filesystem holding the store is read-only",
+            Refusal::IoError => "writing the store failed (I/O error or locked by another program)",
+        }
+    }
+
+    /// The drop counter a refused, counted row goes to.
+    fn drop_reason(self) -> DropReason {
+        match self {
+            Refusal::DiskFull => DropReason::DiskFull,
+            Refusal::StoreFull | Refusal::TooLarge => DropReason::StoreFull,
+            Refusal::ReadOnly | Refusal::IoError => DropReason::Unwritable,
+        }
+    }
+}
+
+/// Whether the store takes new rows right now (watched by the MQTT front, shown by `status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Admission {
+    #[default]
+    Open,
+    /// New rows are refused for `reason`, since `since_ms` (Unix time in milliseconds).
+    Refusing { reason: Refusal, since_ms: i64 },
+}
+
+impl Admission {
+    pub fn is_open(&self) -> bool {
+        *self == Admission::Open
+    }
 }
 
 /// Rows and bytes queued at one priority.
@@ -169,6 +283,8 @@ pub struct DropCounters {
     pub expired: u64,
     /// Refused because the filesystem was below `min_free_disk` or full (ENOSPC).
     pub disk_full: u64,
+    /// Refused because the filesystem was read-only or writing failed.
+    pub unwritable: u64,
 }
 
 impl DropCounters {
@@ -178,12 +294,13 @@ impl DropCounters {
             (DropReason::StoreFull.name(), self.store_full),
             (DropReason::Expired.name(), self.expired),
             (DropReason::DiskFull.name(), self.disk_full),
+            (DropReason::Unwritable.name(), self.unwritable),
         ]
         .into_iter()
     }
 
     pub fn total(&self) -> u64 {
-        self.store_full + self.expired + self.disk_full
+        self.store_full + self.expired + self.disk_full + self.unwritable
     }
 
     /// The `meta` key a reason's counter is kept under.
@@ -192,6 +309,7 @@ impl DropCounters {
             DropReason::StoreFull => "dropped.store_full",
             DropReason::Expired => "dropped.expired",
             DropReason::DiskFull => "dropped.disk_full",
+            DropReason::Unwritable => "dropped.unwritable",
         }
     }
 
@@ -213,6 +331,7 @@ impl DropCounters {
             DropReason::StoreFull => self.store_full += n,
             DropReason::Expired => self.expired += n,
             DropReason::DiskFull => self.disk_full += n,
+            DropReason::Unwritable => self.unwritable += n,
         }
     }
 }
@@ -222,13 +341,15 @@ enum DropReason {
     StoreFull,
     Expired,
     DiskFull,
+    Unwritable,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 3] = [
+    const ALL: [DropReason; 4] = [
         DropReason::StoreFull,
         DropReason::Expired,
         DropReason::DiskFull,
+        DropReason::Unwritable,
     ];
 
     fn name(self) -> &'static str {
@@ -236,6 +357,7 @@ impl DropReason {
             DropReason::StoreFull => "store_full",
             DropReason::Expired => "expired",
             DropReason::DiskFull => "disk_full",
+            DropReason::Unwritable => "unwritable",
         }
     }
 
@@ -249,6 +371,9 @@ impl DropReason {
             DropReason::DiskFull => {
                 "filesystem below min_free_disk or full: new messages were refused; queued ones are kept and still forwarded"
             }
+            DropReason::Unwritable => {
+                "the store's filesystem is read-only or failing: new messages were refused; queued ones are kept and still forwarded"
+            }
         }
     }
 
@@ -257,6 +382,7 @@ impl DropReason {
             DropReason::StoreFull => 0,
             DropReason::Expired => 1,
             DropReason::DiskFull => 2,
+            DropReason::Unwritable => 3,
         }
     }
 }
@@ -279,6 +405,10 @@ pub struct StoreStats {
     /// Database file plus its write-ahead log.
     pub file_bytes: u64,
     pub free_disk_bytes: Option<u64>,
+    /// Whether new rows are taken now (always `Open` from [`ReadOnlyStore`]).
+    pub admission: Admission,
+    /// The disk reserve is held (false while it is released to let deletes commit).
+    pub reserve_held: bool,
 }
 
 /// Where the store was opened and what it found there.
@@ -352,13 +482,25 @@ enum Health {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// What the store does with rows it refuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnRefusal {
+    /// Count them as dropped.
+    Count,
+    /// Hand them back to the caller, uncounted.
+    Return,
+}
+
 enum Command {
     Append {
         msgs: Vec<NewMessage>,
         durability: Durability,
+        on_refusal: OnRefusal,
         reply: Reply<AppendOutcome>,
     },
     Ack(Vec<i64>),
+    /// Rows a caller dropped after the store refused them (see [`StoreHandle::count_dropped`]).
+    Dropped(Refusal, u64),
     Fetch {
         cursor: Cursor,
         limit: usize,
@@ -410,6 +552,7 @@ pub struct StoreHandle {
     tx: mpsc::Sender<Command>,
     committed: watch::Receiver<u64>,
     health: watch::Receiver<Health>,
+    admission: watch::Receiver<Admission>,
     path: Arc<PathBuf>,
 }
 
@@ -428,11 +571,45 @@ impl StoreHandle {
     /// `Linger`: the thread may wait up to `commit_interval` to batch more rows (until
     /// `commit_max_rows` are queued). `Now`: commit everything queued immediately.
     /// Acks sent earlier from the same task are committed in the same or an earlier transaction.
+    ///
+    /// Rows the store refuses (see [`Refusal`]) are counted as dropped; the outcome still names
+    /// the reason.
     pub fn append(&self, msgs: Vec<NewMessage>, durability: Durability) -> PendingCommit {
+        self.send_append(msgs, durability, OnRefusal::Count)
+    }
+
+    /// Like [`StoreHandle::append`], but refused rows come back in the outcome
+    /// ([`AppendOutcome::refused`]) and are not counted: for a caller that holds them (a
+    /// device's unacknowledged messages) and offers them again once
+    /// [`StoreHandle::admission`] is open, or that answers them with a negative PUBACK.
+    pub fn offer(&self, msgs: Vec<NewMessage>, durability: Durability) -> PendingCommit {
+        self.send_append(msgs, durability, OnRefusal::Return)
+    }
+
+    /// Counts `n` rows the caller dropped after the store refused them (e.g. QoS 0 messages
+    /// from an [`StoreHandle::offer`]); persisted with the next transaction.
+    pub fn count_dropped(&self, reason: Refusal, n: u64) {
+        if n > 0 {
+            let _ = self.tx.send(Command::Dropped(reason, n));
+        }
+    }
+
+    /// Whether new rows are taken now; changes when the store starts or stops refusing.
+    pub fn admission(&self) -> watch::Receiver<Admission> {
+        self.admission.clone()
+    }
+
+    fn send_append(
+        &self,
+        msgs: Vec<NewMessage>,
+        durability: Durability,
+        on_refusal: OnRefusal,
+    ) -> PendingCommit {
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Append {
             msgs,
             durability,
+            on_refusal,
             reply,
         };
         if let Err(mpsc::SendError(Command::Append { reply, .. })) = self.tx.send(cmd) {
@@ -562,6 +739,8 @@ impl Store {
         cfg: &StoreConfig,
         probes: worker::Probes,
     ) -> Result<(StoreHandle, OpenReport, std::thread::JoinHandle<()>), StoreError> {
+        // A full disk may not have room for what opening needs: give back the reserve first.
+        space::release_leftover_reserve(&cfg.path);
         let opened = schema::open_writer(&cfg.path, cfg.sync)?;
         for &(name, value) in &probes.pragmas {
             opened
@@ -575,15 +754,19 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let (committed_tx, committed_rx) = watch::channel(0u64);
         let (health_tx, health_rx) = watch::channel(Health::Running);
+        let (admission_tx, admission_rx) = watch::channel(Admission::Open);
         let worker = worker::Worker::new(
             opened.conn,
             cfg,
             opened.totals,
             opened.next_seq,
-            committed_tx,
-            health_tx,
+            worker::Channels {
+                committed: committed_tx,
+                health: health_tx,
+                admission: admission_tx,
+            },
             probes,
-        );
+        )?;
         let report = OpenReport {
             quarantined: opened.quarantined,
             rows: worker.rows(),
@@ -607,19 +790,13 @@ impl Store {
                 tx,
                 committed: committed_rx,
                 health: health_rx,
+                admission: admission_rx,
                 path: Arc::new(cfg.path.clone()),
             },
             report,
             join,
         ))
     }
-}
-
-/// Free bytes for unprivileged writers on the filesystem holding `dir`.
-fn free_disk_bytes(dir: &Path) -> Option<u64> {
-    rustix::fs::statvfs(dir)
-        .ok()
-        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// Size of the database file plus its WAL (0 for files that do not exist).

@@ -72,7 +72,8 @@ impl ReadOnlyStore {
             per_priority,
             dropped: super::DropCounters::load(&self.conn).map_err(sql)?,
             file_bytes: super::file_bytes(&self.path),
-            free_disk_bytes: super::free_disk_bytes(&super::store_dir(&self.path)),
+            free_disk_bytes: super::space::statvfs_probe(&super::store_dir(&self.path))
+                .map(|r| r.free),
             ..StoreStats::default()
         })
     }

@@ -26,10 +26,6 @@ const APPLICATION_ID: i64 = 0x4547_4754;
 /// read-only `edgegate buffer` running a checkpoint) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// After a checkpoint the WAL file is truncated to at most this, so a burst does not leave a
-/// large file on the SD card forever.
-const JOURNAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
-
 /// Page size of new files. Every commit rewrites the partly filled last page of the table, so
 /// what a small transaction writes grows with the page size; measured with 100-byte messages in
 /// commits of 50 rows (insert, checkpoint, delete): 1 KiB pages ~710 B per message, 4 KiB pages
@@ -105,11 +101,6 @@ impl Totals {
         }
         self.rows = self.rows.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(bytes);
-    }
-
-    /// Lowest priority that still has rows (the first eviction candidate).
-    pub fn lowest_priority(&self) -> Option<u8> {
-        self.per_priority.keys().next().copied()
     }
 
     pub fn load(conn: &Connection) -> rusqlite::Result<Totals> {
@@ -234,8 +225,6 @@ fn try_open_writer(path: &Path, sync: SyncMode) -> Result<(Connection, Totals, i
         SyncMode::Normal => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", sync_value)
-        .map_err(open_err)?;
-    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
         .map_err(open_err)?;
     let totals = Totals::load(&conn).map_err(open_err)?;
     let next_seq = next_seq(&conn, &totals).map_err(open_err)?;

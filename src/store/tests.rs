@@ -116,8 +116,8 @@ async fn appended_rows_are_fetched_highest_priority_first_and_oldest_first_withi
         )
         .await
         .expect("append");
-    assert_eq!(out.accepted, 4);
-    assert_eq!(out.dropped, 0);
+    assert_eq!(out.stored, 4);
+    assert!(out.all_stored());
     h.append(vec![msg("high-2", 5)], Durability::Linger)
         .await
         .expect("append");
@@ -239,11 +239,11 @@ async fn drop_oldest_evicts_the_lowest_priority_then_the_oldest_and_counts_exact
     .map(|f| f(ROW))
     .collect();
     let out = h.append(first, Durability::Now).await.expect("append");
-    assert_eq!((out.accepted, out.dropped), (5, 0));
+    assert_eq!((out.stored, out.refusal()), (5, None));
 
     let more = (6..=8).map(|n| sized(n, 1, ROW)).collect();
     let out = h.append(more, Durability::Now).await.expect("append");
-    assert_eq!((out.accepted, out.dropped), (3, 0));
+    assert_eq!((out.stored, out.refusal()), (3, None));
 
     let rows = all_rows(&h).await;
     assert_eq!(topics(&rows), ["t/002", "t/003", "t/006", "t/007", "t/008"]);
@@ -251,14 +251,26 @@ async fn drop_oldest_evicts_the_lowest_priority_then_the_oldest_and_counts_exact
     assert_eq!(stats.dropped.store_full, 3);
     assert_eq!(stats.bytes, 5 * ROW);
 
-    // A new row below every queued priority is itself the lowest-priority, oldest candidate.
+    // A new row below every queued priority may not evict them: it is refused (a device gets
+    // no PUBACK for it), and counted since `append` was used.
     let out = h
         .append(vec![sized(9, 0, ROW)], Durability::Now)
         .await
         .expect("append");
-    assert_eq!((out.accepted, out.dropped, out.last_id), (0, 1, None));
+    assert_eq!(
+        (out.stored, out.refusal(), out.last_id),
+        (0, Some(Refusal::StoreFull), None)
+    );
     assert_eq!(ids(&all_rows(&h).await), ids(&rows));
-    assert_eq!(h.stats().await.expect("stats").dropped.store_full, 4);
+    let stats = h.stats().await.expect("stats");
+    assert_eq!(stats.dropped.store_full, 4);
+    assert!(matches!(
+        stats.admission,
+        Admission::Refusing {
+            reason: Refusal::StoreFull,
+            ..
+        }
+    ));
     close(opened).await;
 }
 
@@ -279,7 +291,7 @@ async fn drop_newest_refuses_the_rows_that_do_not_fit_and_counts_exactly() {
         .append((1..=8).map(|n| sized(n, 1, ROW)).collect(), Durability::Now)
         .await
         .expect("append");
-    assert_eq!((out.accepted, out.dropped), (5, 3));
+    assert_eq!((out.stored, out.refusal()), (5, Some(Refusal::StoreFull)));
 
     let rows = all_rows(&h).await;
     assert_eq!(out.last_id, rows.last().map(|m| m.id));
@@ -288,13 +300,13 @@ async fn drop_newest_refuses_the_rows_that_do_not_fit_and_counts_exactly() {
     assert_eq!(stats.dropped.store_full, 3);
     assert_eq!(stats.dropped.total(), 3);
 
-    // Room made by an ack is usable again.
+    // Room made by an ack is usable again, the refusal still covers the rest of the append.
     h.ack(vec![rows[0].id]);
     let out = h
         .append(vec![sized(9, 1, ROW), sized(10, 1, ROW)], Durability::Now)
         .await
         .expect("append");
-    assert_eq!((out.accepted, out.dropped), (1, 1));
+    assert_eq!((out.stored, out.refusal()), (1, Some(Refusal::StoreFull)));
     assert_eq!(h.stats().await.expect("stats").dropped.store_full, 4);
     close(opened).await;
 }
@@ -314,7 +326,11 @@ async fn a_message_bigger_than_max_bytes_is_refused_and_counted_under_either_pol
             .append(vec![sized(2, 9, 1001)], Durability::Now)
             .await
             .expect("append");
-        assert_eq!((out.accepted, out.dropped), (0, 1), "{when_full:?}");
+        assert_eq!(
+            (out.stored, out.refusal()),
+            (0, Some(Refusal::TooLarge)),
+            "{when_full:?}"
+        );
         assert_eq!(topics(&all_rows(&h).await), ["t/001"], "{when_full:?}");
         let dropped = h.stats().await.expect("stats").dropped;
         assert_eq!(dropped.store_full, 1, "{when_full:?}");
@@ -407,7 +423,7 @@ async fn assert_quarantined(make: impl FnOnce(&Path)) {
         .append(vec![msg("after", 0)], Durability::Now)
         .await
         .expect("the fresh store works");
-    assert_eq!(out.accepted, 1);
+    assert_eq!(out.stored, 1);
     assert_eq!(topics(&all_rows(&h).await), ["after"]);
     close(opened).await;
     assert!(moved.exists());
@@ -717,8 +733,8 @@ async fn a_now_append_commits_without_waiting_for_the_linger() {
     let (a, b) = tokio::time::timeout(Duration::from_secs(5), both)
         .await
         .expect("committed at once, not after the 60 s linger");
-    assert_eq!(a.expect("linger").accepted, 1);
-    assert_eq!(b.expect("now").accepted, 1);
+    assert_eq!(a.expect("linger").stored, 1);
+    assert_eq!(b.expect("now").stored, 1);
     close(opened).await;
 }
 
@@ -740,76 +756,169 @@ async fn lingering_appends_commit_once_commit_max_rows_are_queued() {
         .expect("watch open");
     assert!(*committed.borrow() > before);
     for p in pending {
-        assert_eq!(p.await.expect("append").accepted, 1);
+        assert_eq!(p.await.expect("append").stored, 1);
     }
     close(opened).await;
 }
 
-#[tokio::test]
-async fn below_min_free_disk_appends_are_refused_and_counted_while_acks_still_run() {
-    let (_dir, mut cfg) = temp_config();
-    cfg.min_free_disk = ByteSize(1_000_000);
-    let free = Arc::new(AtomicU64::new(10_000_000));
-    let probe_free = free.clone();
-    let probes = Probes {
-        free_disk: Some(Arc::new(move |_: &Path| {
-            Some(probe_free.load(Ordering::SeqCst))
+/// A fake filesystem of 1 GiB whose free space the test sets.
+fn fake_disk(free: Arc<AtomicU64>) -> Probes {
+    Probes {
+        disk: Some(Arc::new(move |_: &Path| {
+            Some(super::space::DiskReading {
+                free: free.load(Ordering::SeqCst),
+                total: 1 << 30,
+                read_only: false,
+            })
         })),
         pragmas: Vec::new(),
-    };
-    let opened = Store::open_with(&cfg, probes).expect("open");
+    }
+}
+
+/// Waits until the store's admission satisfies `want` (the sweep rechecks once a second).
+async fn wait_admission(h: &StoreHandle, want: impl Fn(&Admission) -> bool) -> Admission {
+    let mut rx = h.admission();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|a| want(a)))
+        .await
+        .expect("admission changes within 5 s")
+        .expect("store running")
+        .clone();
+    got
+}
+
+#[tokio::test]
+async fn below_min_free_disk_rows_are_refused_offers_come_back_uncounted_and_acks_still_run() {
+    let (_dir, mut cfg) = temp_config();
+    cfg.min_free_disk = ByteSize(1_000_000);
+    let free = Arc::new(AtomicU64::new(100_000_000));
+    let opened = Store::open_with(&cfg, fake_disk(free.clone())).expect("open");
     let h = opened.0.clone();
     h.append(vec![msg("before", 0), msg("kept", 0)], Durability::Now)
         .await
         .expect("append");
     let before = all_rows(&h).await;
 
+    // Every transaction that adds rows reads the filesystem again: no second of grace.
     free.store(500_000, Ordering::SeqCst);
-    // The probe runs at most once a second; wait until the store has noticed.
-    let start = Instant::now();
-    let mut refused = 0;
-    while start.elapsed() < Duration::from_secs(5) {
-        let out = h
-            .append(vec![msg("refused", 0)], Durability::Now)
-            .await
-            .expect("append");
-        if out.dropped == 1 {
-            refused += 1;
-            break;
+    let out = h
+        .offer(vec![msg("held-1", 0), msg("held-2", 0)], Durability::Now)
+        .await
+        .expect("an outcome");
+    assert_eq!(out.stored, 0);
+    let refused = out.refused.expect("refused");
+    assert_eq!(refused.reason, Refusal::DiskFull);
+    assert_eq!(
+        topics_of(&refused.rows),
+        ["held-1", "held-2"],
+        "offered rows come back"
+    );
+    let stats = h.stats().await.expect("stats");
+    assert_eq!(
+        stats.dropped.disk_full, 0,
+        "an offer's refusal is not a drop"
+    );
+    assert!(matches!(
+        stats.admission,
+        Admission::Refusing {
+            reason: Refusal::DiskFull,
+            ..
         }
-        // Rows accepted before the probe noticed are legitimate; remove them again.
-        h.ack(out.last_id.into_iter().collect());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(refused, 1);
+    ));
+
+    let out = h
+        .append(vec![msg("dropped", 0)], Durability::Now)
+        .await
+        .expect("an outcome");
+    assert_eq!(out.refusal(), Some(Refusal::DiskFull));
     h.ack(vec![before[0].id]);
     let stats = wait_for_stats(&h, Duration::from_secs(5), |s| s.rows == 1).await;
     assert_eq!(topics(&all_rows(&h).await), ["kept"]);
-    assert_eq!(stats.dropped.disk_full, 1);
+    assert_eq!(stats.dropped.disk_full, 1, "an append's refusal is");
 
-    free.store(10_000_000, Ordering::SeqCst);
-    let start = Instant::now();
-    let mut accepted = false;
-    while start.elapsed() < Duration::from_secs(5) && !accepted {
-        let out = h
-            .append(vec![msg("after", 0)], Durability::Now)
-            .await
-            .expect("append");
-        accepted = out.accepted == 1;
-        if !accepted {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    assert!(accepted, "the store recovers by itself when space returns");
+    free.store(100_000_000, Ordering::SeqCst);
+    wait_admission(&h, Admission::is_open).await;
+    let out = h
+        .offer(refused.rows, Durability::Now)
+        .await
+        .expect("append");
+    assert_eq!(
+        (out.stored, out.refusal()),
+        (2, None),
+        "the held rows fit now"
+    );
+    close(opened).await;
+}
+
+fn topics_of(rows: &[NewMessage]) -> Vec<&str> {
+    rows.iter().map(|m| m.topic.as_str()).collect()
+}
+
+#[tokio::test]
+async fn the_headroom_counts_the_log_and_the_growth_a_checkpoint_will_need() {
+    let (_dir, mut cfg) = temp_config();
+    cfg.min_free_disk = ByteSize(4 << 20);
+    // Enough free space for the rows themselves, not for them plus the log's cap and reserve.
+    let free = Arc::new(AtomicU64::new((4 << 20) + 300 * 1024));
+    let opened = Store::open_with(&cfg, fake_disk(free.clone())).expect("open");
+    let h = opened.0.clone();
+    let rows: Vec<NewMessage> = (0..100).map(|n| sized(n, 0, 1000)).collect();
+    let out = h.offer(rows, Durability::Now).await.expect("an outcome");
+    assert_eq!(
+        out.refusal(),
+        Some(Refusal::DiskFull),
+        "100 KB of rows with a 1 MiB log to grow into must not be admitted 300 KiB above the limit"
+    );
+    free.store(64 << 20, Ordering::SeqCst);
+    wait_admission(&h, Admission::is_open).await;
+    let out = h
+        .offer(out.refused.expect("rows").rows, Durability::Now)
+        .await
+        .expect("an outcome");
+    assert_eq!(out.stored, 100);
     close(opened).await;
 }
 
 #[tokio::test]
-async fn sqlite_full_during_a_commit_rolls_back_counts_disk_full_and_the_store_keeps_going() {
+async fn the_store_takes_a_reserve_and_gives_it_back_when_the_disk_is_short() {
+    let (_dir, mut cfg) = temp_config();
+    cfg.min_free_disk = ByteSize(1 << 20);
+    let free = Arc::new(AtomicU64::new(64 << 20));
+    let opened = Store::open_with(&cfg, fake_disk(free.clone())).expect("open");
+    let reserve = super::space::reserve_path(&cfg.path);
+    let len = std::fs::metadata(&reserve).expect("a reserve file").len();
+    assert!(len >= 128 * 1024, "reserve of {len} bytes");
+    assert!(opened.0.stats().await.expect("stats").reserve_held);
+    close(opened).await;
+    assert!(reserve.exists(), "kept across a clean stop");
+    // A restart releases it before opening (a full disk may need it to open at all) and takes
+    // it again when there is room.
+    let opened = Store::open_with(&cfg, fake_disk(free.clone())).expect("reopen");
+    assert!(opened.0.stats().await.expect("stats").reserve_held);
+    close(opened).await;
+    free.store(100 * 1024, Ordering::SeqCst);
+    let opened = Store::open_with(&cfg, fake_disk(free.clone())).expect("reopen on a full disk");
+    assert!(
+        !reserve.exists(),
+        "no room for the reserve: it stays released"
+    );
+    let h = opened.0.clone();
+    let out = h
+        .offer(vec![msg("x", 0)], Durability::Now)
+        .await
+        .expect("outcome");
+    assert_eq!(out.refusal(), Some(Refusal::DiskFull));
+    free.store(64 << 20, Ordering::SeqCst);
+    wait_admission(&h, Admission::is_open).await;
+    assert!(reserve.exists(), "taken back once space returned");
+    close(opened).await;
+}
+
+#[tokio::test]
+async fn sqlite_full_during_a_commit_refuses_its_appends_and_the_store_keeps_going() {
     let (_dir, cfg) = temp_config();
     // A tiny page budget makes SQLite fail with SQLITE_FULL, exactly as ENOSPC would.
     let probes = Probes {
-        free_disk: None,
+        disk: None,
         pragmas: vec![("max_page_count", 40)],
     };
     let opened = Store::open_with(&cfg, probes).expect("open");
@@ -818,25 +927,28 @@ async fn sqlite_full_during_a_commit_rolls_back_counts_disk_full_and_the_store_k
         .append(vec![sized(1, 0, 1000)], Durability::Now)
         .await
         .expect("append");
-    assert_eq!(small.accepted, 1);
+    assert_eq!(small.stored, 1);
 
     let huge: Vec<NewMessage> = (2..200).map(|n| sized(n, 0, 4000)).collect();
     let n = huge.len();
     let out = h
-        .append(huge, Durability::Now)
+        .offer(huge, Durability::Now)
         .await
         .expect("an outcome, not an error");
-    assert_eq!((out.accepted, out.dropped), (0, n));
+    assert_eq!(out.stored, 0);
+    let refused = out.refused.expect("refused");
+    assert_eq!((refused.reason, refused.rows.len()), (Refusal::DiskFull, n));
     let stats = h.stats().await.expect("stats");
-    assert_eq!(stats.dropped.disk_full, n as u64);
     assert_eq!(stats.rows, 1);
+    assert!(!stats.admission.is_open());
     assert_eq!(topics(&all_rows(&h).await), ["t/001"]);
 
     let again = h
         .append(vec![sized(300, 0, 500)], Durability::Now)
         .await
         .expect("append");
-    assert_eq!(again.accepted, 1, "the store keeps accepting what fits");
+    assert_eq!(again.stored, 1, "the store keeps accepting what fits");
+    assert!(h.stats().await.expect("stats").admission.is_open());
     close(opened).await;
 }
 
@@ -844,7 +956,7 @@ async fn sqlite_full_during_a_commit_rolls_back_counts_disk_full_and_the_store_k
 async fn a_full_disk_refuses_only_the_appends_that_do_not_fit_not_their_whole_commit() {
     let (_dir, cfg) = temp_config();
     let probes = Probes {
-        free_disk: None,
+        disk: None,
         pragmas: vec![("max_page_count", 40)],
     };
     let opened = Store::open_with(&cfg, probes).expect("open");
@@ -857,14 +969,81 @@ async fn a_full_disk_refuses_only_the_appends_that_do_not_fit_not_their_whole_co
     let small = small.await.expect("an outcome");
     let huge = huge.await.expect("an outcome");
     assert_eq!(
-        (small.accepted, small.dropped),
-        (1, 0),
+        (small.stored, small.refusal()),
+        (1, None),
         "the small one fits"
     );
-    assert_eq!((huge.accepted, huge.dropped), (0, n));
+    assert_eq!((huge.stored, huge.refusal()), (0, Some(Refusal::DiskFull)));
     let stats = h.stats().await.expect("stats");
     assert_eq!(stats.dropped.disk_full, n as u64);
     assert_eq!(topics(&all_rows(&h).await), ["t/001"]);
+    close(opened).await;
+}
+
+#[tokio::test]
+async fn drop_oldest_never_evicts_a_row_its_own_transaction_stored() {
+    let (_dir, mut cfg) = temp_config();
+    const ROW: u64 = 200;
+    cfg.max_bytes = ByteSize(5 * ROW);
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    h.append(vec![sized(1, 0, ROW), sized(2, 0, ROW)], Durability::Now)
+        .await
+        .expect("append");
+    // Seven rows into a budget of five with two committed: those two go, then the rows of this
+    // append itself would have to, so the last two are refused instead (a PUBACK for a row
+    // evicted in the same moment would be a lie).
+    let out = h
+        .offer((3..=9).map(|n| sized(n, 0, ROW)).collect(), Durability::Now)
+        .await
+        .expect("append");
+    assert_eq!((out.stored, out.refusal()), (5, Some(Refusal::StoreFull)));
+    assert_eq!(
+        topics_of(&out.refused.expect("rows").rows),
+        ["t/008", "t/009"]
+    );
+    assert_eq!(
+        topics(&all_rows(&h).await),
+        ["t/003", "t/004", "t/005", "t/006", "t/007"]
+    );
+    let stats = h.stats().await.expect("stats");
+    assert_eq!(
+        stats.dropped.store_full, 2,
+        "the two evicted rows, not the offered ones"
+    );
+    close(opened).await;
+}
+
+#[tokio::test]
+async fn after_drop_newest_refused_a_row_the_store_opens_again_once_the_backlog_shrank() {
+    let (_dir, mut cfg) = temp_config();
+    const ROW: u64 = 20_000;
+    cfg.max_bytes = ByteSize(100 * ROW);
+    cfg.when_full = WhenFull::DropNewest;
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    let out = h
+        .offer(
+            (0..101).map(|n| sized(n, 0, ROW)).collect(),
+            Durability::Now,
+        )
+        .await
+        .expect("append");
+    assert_eq!((out.stored, out.refusal()), (100, Some(Refusal::StoreFull)));
+    assert!(!h.stats().await.expect("stats").admission.is_open());
+    let rows = all_rows(&h).await;
+    // One acknowledged row frees 20 kB: the refused row fits again, but the store stays
+    // refusing (the next one would not), short of the hysteresis (64 KiB here).
+    h.ack(vec![rows[0].id]);
+    wait_for_stats(&h, Duration::from_secs(5), |s| s.rows == 99).await;
+    let again = h
+        .offer(out.refused.expect("rows").rows, Durability::Now)
+        .await
+        .expect("append");
+    assert_eq!(again.stored, 1);
+    assert!(!h.stats().await.expect("stats").admission.is_open());
+    h.ack(rows[1..5].iter().map(|r| r.id).collect());
+    wait_admission(&h, Admission::is_open).await;
     close(opened).await;
 }
 
@@ -874,7 +1053,7 @@ async fn corruption_found_at_runtime_stops_the_store_and_wakes_the_supervisor() 
     filled_store(&cfg.path, 300).await;
     // A two-page cache forces reads from the file, where the damage is.
     let probes = Probes {
-        free_disk: None,
+        disk: None,
         pragmas: vec![("cache_size", 2)],
     };
     let opened = Store::open_with(&cfg, probes).expect("open a healthy file");
@@ -925,12 +1104,18 @@ fn drop_counters_name_every_reason() {
         store_full: 1,
         expired: 2,
         disk_full: 3,
+        unwritable: 4,
     };
     assert_eq!(
         c.iter().collect::<Vec<_>>(),
-        [("store_full", 1), ("expired", 2), ("disk_full", 3)]
+        [
+            ("store_full", 1),
+            ("expired", 2),
+            ("disk_full", 3),
+            ("unwritable", 4)
+        ]
     );
-    assert_eq!(c.total(), 6);
+    assert_eq!(c.total(), 10);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1098,7 +1283,7 @@ async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let pending = h.append(msgs, durability);
                 if wait {
                     let out = pending.await.expect("append");
-                    prop_assert_eq!((out.accepted, out.dropped), (n, 0));
+                    prop_assert_eq!((out.stored, out.refusal()), (n, None));
                     model.barrier();
                 }
             }
@@ -1213,7 +1398,7 @@ async fn throughput_of_100k_100_byte_rows_with_sync_full_and_linger() {
     let elapsed = start.elapsed();
     let committed_written = write_bytes();
     let commits = *h.committed().borrow();
-    assert_eq!(out.accepted, 1);
+    assert_eq!(out.stored, 1);
     let stats = h.stats().await.expect("stats");
     assert_eq!(stats.rows, ROWS as u64);
     drop(h);

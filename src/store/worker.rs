@@ -1,10 +1,17 @@
 //! The `store` thread: owns the connection and turns queued commands into group commits.
 //!
-//! Each loop iteration collects queued appends and acks, then runs ONE transaction: inserts,
-//! deletes for acks, eviction for `max_bytes`; then it replies to every waiter and bumps
-//! `committed`. Reads (fetch, stats) are answered between transactions, so they only ever see
-//! committed rows. Housekeeping (expiry, the free-disk probe, rate-limited drop logs, incremental
-//! vacuum) runs on a sweep at most every second, idle or not.
+//! Each loop iteration collects queued appends and acks, then runs ONE transaction: deletes for
+//! acks, inserts (each evicting older rows first under `drop_oldest` when `max_bytes` is
+//! reached); then it replies to every waiter and bumps `committed`. Before the transaction the
+//! disk is asked whether it can take the new rows (`space`). Reads (fetch, stats) are answered
+//! between transactions, so they only ever see committed rows. Housekeeping (expiry, the disk
+//! check while refusing, rate-limited drop logs, vacuum) runs on a sweep at most every second,
+//! idle or not.
+//!
+//! A write that fails for lack of space, a read-only filesystem or an I/O error does not stop
+//! the store: the appends of that transaction are refused (see [`super::Refusal`]), acks are
+//! kept and committed as soon as they can be (on a full disk by releasing the reserve), and the
+//! store keeps serving fetches so the backlog drains. Only corruption stops it.
 //!
 //! In-memory totals change only after a commit succeeds, so a rolled-back transaction cannot make
 //! them drift from the file.
@@ -18,16 +25,22 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::watch;
 
 use super::schema::{self, band, is_corruption, Totals, MESSAGE_COLUMNS, SEQ_RESERVED_KEY};
+use super::space::{self, DiskProbe, FileState, Layout, Short, Space};
 use super::{
-    row_bytes, AppendOutcome, Command, Cursor, DropCounters, DropReason, Durability, Health,
-    NewMessage, PriorityStats, Reply, StoreError, StoreStats, StoredMessage,
+    row_bytes, Admission, AppendOutcome, Command, Cursor, DropCounters, DropReason, Durability,
+    Health, NewMessage, OnRefusal, PriorityStats, Refusal, Refused, Reply, StoreError, StoreStats,
+    StoredMessage,
 };
 use crate::config::{StoreConfig, WhenFull};
 
 /// Longest pause between housekeeping sweeps.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// The free-disk probe runs at most this often (statvfs is cheap, but not free on an SD card).
-const DISK_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// While writes fail (read-only filesystem, I/O errors), they are tried again at most this
+/// often: each failing attempt costs a system call or more, and the cause rarely goes away fast.
+const UNWRITABLE_RETRY: Duration = Duration::from_secs(1);
+/// After `drop_newest` refused a row, accepting resumes once the backlog is this far below
+/// `max_bytes` (a fraction of it, at least 64 KiB), so one acknowledgement does not make it flip.
+const BUDGET_HYSTERESIS_DIV: u64 = 100;
 /// At most one drop log line per reason per this period, carrying the count since the last one.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Pages returned to the filesystem per sweep, bounding the time one vacuum step takes (files
@@ -53,14 +66,19 @@ pub(super) const TOPIC_GC_EMPTY_AFTER: u64 = 1024;
 /// While rows stay queued, after this many new topics (a scan of the table).
 const TOPIC_GC_AFTER: u64 = 1 << 16;
 
-type FreeDiskProbe = Arc<dyn Fn(&std::path::Path) -> Option<u64> + Send + Sync>;
-
-/// Seams for tests: a fake free-space reading, and pragmas applied after open (a
+/// Seams for tests: a fake filesystem reading, and pragmas applied after open (a
 /// `max_page_count` makes SQLite report SQLITE_FULL; a tiny `cache_size` makes it re-read pages).
 #[derive(Clone, Default)]
 pub(crate) struct Probes {
-    pub free_disk: Option<FreeDiskProbe>,
+    pub disk: Option<DiskProbe>,
     pub pragmas: Vec<(&'static str, i64)>,
+}
+
+/// The watch channels the worker publishes on.
+pub(super) struct Channels {
+    pub committed: watch::Sender<u64>,
+    pub health: watch::Sender<Health>,
+    pub admission: watch::Sender<Admission>,
 }
 
 struct Settings {
@@ -69,18 +87,24 @@ struct Settings {
     max_age: Option<Duration>,
     commit_interval: Duration,
     commit_max_rows: usize,
-    min_free_disk: u64,
     path: PathBuf,
-    dir: PathBuf,
+    wal_path: PathBuf,
     sweep_every: Duration,
     /// `sync: full`: new rows are fsynced at commit.
     sync_full: bool,
 }
 
+/// One append waiting for its transaction.
+struct Pending {
+    msgs: Vec<NewMessage>,
+    on_refusal: OnRefusal,
+    reply: Reply<AppendOutcome>,
+}
+
 /// Work queued for the next transaction.
 #[derive(Default)]
 struct Batch {
-    appends: Vec<(Vec<NewMessage>, Reply<AppendOutcome>)>,
+    appends: Vec<Pending>,
     rows: usize,
     acks: Vec<i64>,
     now: bool,
@@ -108,18 +132,21 @@ struct TxnResult {
     /// Topics looked up or added by this transaction.
     new_topics: Vec<(String, i64)>,
     topics_inserted: u64,
-    outcomes: Vec<AppendOutcome>,
+    /// Per append: rows stored (a prefix) and why the rest were refused.
+    outcomes: Vec<(usize, Option<Refusal>)>,
+    /// Ids stored per append (the last one is reported).
+    last_ids: Vec<Option<i64>>,
     inserted: u64,
     acked: u64,
-    dropped: [u64; 3],
+    dropped: [u64; 4],
     freed_bytes: u64,
 }
 
 /// A rate-limited WARN per drop reason.
 #[derive(Default)]
 struct DropLog {
-    pending: [u64; 3],
-    last: [Option<Instant>; 3],
+    pending: [u64; 4],
+    last: [Option<Instant>; 4],
 }
 
 impl DropLog {
@@ -149,12 +176,33 @@ impl DropLog {
     }
 }
 
-/// Last free-space reading and whether it is below `min_free_disk`.
-struct DiskGuard {
-    probe: FreeDiskProbe,
-    last_probe: Option<Instant>,
-    free: Option<u64>,
-    low: bool,
+/// A write failure the store survives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriteFailure {
+    /// SQLITE_FULL: ENOSPC (or `max_page_count`).
+    Full,
+    /// Read-only filesystem, an I/O error, or a lock held by another program past the busy
+    /// timeout: refused, retried later.
+    Unwritable(Refusal),
+}
+
+/// What a failed write means: survivable, or fatal (corruption, misuse).
+fn write_failure(e: &rusqlite::Error) -> Option<WriteFailure> {
+    if is_corruption(e) {
+        return None;
+    }
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => Some(WriteFailure::Full),
+        Some(ErrorCode::ReadOnly) => Some(WriteFailure::Unwritable(Refusal::ReadOnly)),
+        Some(
+            ErrorCode::SystemIoFailure
+            | ErrorCode::CannotOpen
+            | ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::FileLockingProtocolFailed,
+        ) => Some(WriteFailure::Unwritable(Refusal::IoError)),
+        _ => None,
+    }
 }
 
 pub(super) struct Worker {
@@ -165,12 +213,17 @@ pub(super) struct Worker {
     acked_total: u64,
     dropped: DropCounters,
     /// Drops counted while the disk was full, written to `meta` with the next transaction.
-    unpersisted: [u64; 3],
+    unpersisted: [u64; 4],
     drop_log: DropLog,
-    disk: DiskGuard,
-    committed_tx: watch::Sender<u64>,
+    space: Space,
+    admission: Admission,
+    /// Writes failed for this reason (read-only, I/O): the next try not before the instant.
+    unwritable: Option<(Refusal, Instant)>,
+    /// Acks that could not be committed (an unwritable filesystem): fetch skips these rows, so
+    /// a reconnect does not send them again while they wait to be deleted.
+    stuck_acks: HashSet<i64>,
+    channels: Channels,
     commit_seq: u64,
-    health_tx: watch::Sender<Health>,
     freed_since_vacuum: u64,
     next_sweep: Instant,
     next_seq: i64,
@@ -194,10 +247,9 @@ impl Worker {
         cfg: &StoreConfig,
         totals: Totals,
         next_seq: i64,
-        committed_tx: watch::Sender<u64>,
-        health_tx: watch::Sender<Health>,
+        channels: Channels,
         probes: Probes,
-    ) -> Worker {
+    ) -> Result<Worker, StoreError> {
         let max_age = cfg.max_age.map(|d| d.get());
         // Short max_age values (tests, aggressive configs) need sweeps finer than a second.
         let sweep_every = max_age
@@ -207,10 +259,34 @@ impl Worker {
             tracing::warn!(error = %e, "could not read the persisted drop counters; counting from 0");
             DropCounters::default()
         });
-        let probe: FreeDiskProbe = probes
-            .free_disk
-            .unwrap_or_else(|| Arc::new(super::free_disk_bytes));
-        Worker {
+        let probe: DiskProbe = probes
+            .disk
+            .unwrap_or_else(|| Arc::new(space::statvfs_probe));
+        let dir = super::store_dir(&cfg.path);
+        let page_size: i64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(|source| StoreError::Sqlite {
+                what: "reading the page size",
+                source,
+            })?;
+        let reading = probe(&dir);
+        let layout = Layout::new(page_size.max(512) as u64, reading.map(|r| r.total));
+        // The log is checkpointed and cut back to its cap, so what it may take of the disk is
+        // known (see `space`); a checkpoint never needs more than the reserve.
+        conn.execute_batch(&format!(
+            "PRAGMA wal_autocheckpoint = {}; PRAGMA journal_size_limit = {}; PRAGMA temp_store = MEMORY;",
+            layout.autocheckpoint_pages(),
+            layout.wal_cap
+        ))
+        .map_err(|source| StoreError::Sqlite {
+            what: "setting the write-ahead log's limits",
+            source,
+        })?;
+        let mut space = Space::new(probe, &cfg.path, &dir, cfg.min_free_disk.get(), layout);
+        if let Some(r) = reading {
+            space.take_reserve(r);
+        }
+        Ok(Worker {
             conn,
             settings: Settings {
                 max_bytes: cfg.max_bytes.get(),
@@ -218,9 +294,8 @@ impl Worker {
                 max_age,
                 commit_interval: cfg.commit_interval.get(),
                 commit_max_rows: cfg.commit_max_rows.max(1),
-                min_free_disk: cfg.min_free_disk.get(),
                 path: cfg.path.clone(),
-                dir: super::store_dir(&cfg.path),
+                wal_path: schema::sidecar(&cfg.path, "-wal"),
                 sweep_every,
                 sync_full: cfg.sync == crate::config::SyncMode::Full,
             },
@@ -228,17 +303,14 @@ impl Worker {
             appended_total: 0,
             acked_total: 0,
             dropped,
-            unpersisted: [0; 3],
+            unpersisted: [0; 4],
             drop_log: DropLog::default(),
-            disk: DiskGuard {
-                probe,
-                last_probe: None,
-                free: None,
-                low: false,
-            },
-            committed_tx,
+            space,
+            admission: Admission::Open,
+            unwritable: None,
+            stuck_acks: HashSet::new(),
+            channels,
             commit_seq: 0,
-            health_tx,
             freed_since_vacuum: 0,
             next_sweep: Instant::now(),
             next_seq,
@@ -247,7 +319,7 @@ impl Worker {
             topic_ids: HashMap::new(),
             // Leftovers of the last run are cleaned up at the first sweep with an empty queue.
             topics_since_gc: TOPIC_GC_EMPTY_AFTER,
-        }
+        })
     }
 
     pub(super) fn rows(&self) -> u64 {
@@ -265,7 +337,7 @@ impl Worker {
             Exit::Closed(reply) => {
                 let res = self.checkpoint();
                 self.drop_log.flush(Instant::now() + DROP_LOG_EVERY);
-                self.health_tx.send_replace(Health::Closed);
+                self.channels.health.send_replace(Health::Closed);
                 tracing::info!(
                     path = %self.settings.path.display(),
                     rows = self.totals.rows,
@@ -285,7 +357,7 @@ impl Worker {
                     );
                 }
                 self.drop_log.flush(Instant::now() + DROP_LOG_EVERY);
-                self.health_tx.send_replace(Health::Closed);
+                self.channels.health.send_replace(Health::Closed);
             }
             Exit::Fatal(reason) => {
                 tracing::error!(
@@ -294,9 +366,11 @@ impl Worker {
                     "store stopped: uncommitted messages were not accepted; committed ones stay \
                      in the file; restart edgegate (a corrupt file is moved aside at start)"
                 );
-                self.health_tx.send_replace(Health::Failed(reason.clone()));
-                for (_, reply) in batch.appends.drain(..) {
-                    let _ = reply.send(Err(StoreError::Failed(reason.clone())));
+                self.channels
+                    .health
+                    .send_replace(Health::Failed(reason.clone()));
+                for p in batch.appends.drain(..) {
+                    let _ = p.reply.send(Err(StoreError::Failed(reason.clone())));
                 }
                 // Whatever is still queued gets a precise answer instead of a closed channel.
                 while let Ok(cmd) = rx.try_recv() {
@@ -355,10 +429,15 @@ impl Worker {
             Command::Append {
                 msgs,
                 durability,
+                on_refusal,
                 reply,
             } => {
                 batch.rows += msgs.len();
-                batch.appends.push((msgs, reply));
+                batch.appends.push(Pending {
+                    msgs,
+                    on_refusal,
+                    reply,
+                });
                 if durability == Durability::Now {
                     batch.now = true;
                 }
@@ -371,6 +450,12 @@ impl Worker {
                 batch
                     .deadline
                     .get_or_insert_with(|| Instant::now() + self.settings.commit_interval);
+            }
+            Command::Dropped(reason, n) => {
+                let r = reason.drop_reason();
+                self.dropped.add(r, n);
+                self.unpersisted[r.index()] += n;
+                self.drop_log.record(r, n, Instant::now());
             }
             Command::Fetch {
                 cursor,
@@ -421,107 +506,293 @@ impl Worker {
         let acks = std::mem::take(&mut batch.acks);
         *batch = Batch::default();
 
-        let disk_low = !appends.is_empty() && self.disk_low(now);
-        // A transaction that only deletes acknowledged rows need not wait for an fsync: in WAL
-        // mode its frames are in the OS page cache at COMMIT, so a crash of edgegate keeps it,
-        // and a power cut can only bring those rows back as duplicates, never lose one. The
-        // next commit with new rows fsyncs the WAL, these frames included.
-        let relax = self.settings.sync_full && appends.is_empty();
-        if relax {
-            self.conn
-                .execute_batch("PRAGMA synchronous = NORMAL")
-                .map_err(|e| format!("setting synchronous: {e}"))?;
+        let admitted = if appends.is_empty() {
+            Ok(())
+        } else {
+            self.admit(&appends, now)
+        };
+        if appends.is_empty() || admitted.is_err() {
+            // Nothing to insert: refuse what there is at once, then commit the acks alone.
+            if let Err(reason) = admitted {
+                for p in appends {
+                    self.refuse(p, reason, now);
+                }
+            }
+            return self.commit_acks(acks, batch, now);
         }
-        let result = self.in_transaction(|w| w.write(&appends, &acks, disk_low));
-        if relax {
-            self.conn
-                .execute_batch("PRAGMA synchronous = FULL")
-                .map_err(|e| format!("setting synchronous: {e}"))?;
-        }
+
+        let result = self.in_transaction(|w| w.write(&appends, &acks));
         match result {
             Ok(txn) => {
                 self.apply(txn, appends, now);
+                self.stuck_acks.clear();
+                self.unwritable = None;
                 Ok(())
             }
-            Err(e) if e.sqlite_error_code() == Some(ErrorCode::DiskFull) => {
-                // ENOSPC (or max_page_count): nothing of this transaction happened.
-                self.disk.last_probe = None;
-                let mut acks = acks;
-                // Deletes are what frees space: commit the acks on their own first.
-                let mut freed = false;
-                if !acks.is_empty() {
-                    if let Ok(txn) = self.in_transaction(|w| w.write(&[], &acks, false)) {
-                        freed = txn.acked > 0;
-                        self.apply(txn, Vec::new(), now);
-                        acks.clear();
-                    }
-                }
-                // Then each append on its own, so what still fits is kept and only the rest
-                // is refused; after the first one that does not fit, the rest are refused
-                // without trying (the disk is full, not fragmented).
-                let retry = freed || appends.len() > 1;
-                let mut full = !retry;
-                let mut fatal = None;
-                for group in appends {
-                    if full || fatal.is_some() {
-                        self.refuse_disk_full(group, now, fatal.as_ref());
-                        continue;
-                    }
-                    let one = vec![group];
-                    match self.in_transaction(|w| w.write(&one, &[], disk_low)) {
-                        Ok(txn) => self.apply(txn, one, now),
-                        Err(e) => {
-                            if e.sqlite_error_code() == Some(ErrorCode::DiskFull) {
+            Err(e) => match write_failure(&e) {
+                Some(failure) => {
+                    // Nothing of this transaction happened. The acks go on their own (they
+                    // free space); on a full disk each append is then tried alone, so what
+                    // still fits is kept and only the rest is refused; after the first that
+                    // does not fit, the others are refused without trying.
+                    let reason = self.note_failure(failure, &e, now);
+                    self.commit_acks(acks, batch, now)?;
+                    let mut full = failure != WriteFailure::Full || appends.len() == 1;
+                    for p in appends {
+                        if full {
+                            self.refuse(p, reason, now);
+                            continue;
+                        }
+                        let one = vec![p];
+                        match self.in_transaction(|w| w.write(&one, &[])) {
+                            Ok(txn) => self.apply(txn, one, now),
+                            Err(e) => {
+                                if write_failure(&e).is_none() {
+                                    let reason = format!("committing queued messages: {e}");
+                                    for p in one {
+                                        let _ =
+                                            p.reply.send(Err(StoreError::Failed(reason.clone())));
+                                    }
+                                    return Err(reason);
+                                }
                                 full = true;
-                            } else {
-                                fatal = Some(format!("committing queued messages: {e}"));
-                            }
-                            for g in one {
-                                self.refuse_disk_full(g, now, fatal.as_ref());
+                                for p in one {
+                                    self.refuse(p, reason, now);
+                                }
                             }
                         }
                     }
+                    Ok(())
                 }
-                if !acks.is_empty() {
-                    batch.acks = acks;
-                    batch.deadline = Some(now + self.settings.commit_interval);
+                None => {
+                    let reason = format!("committing queued messages: {e}");
+                    for p in appends {
+                        let _ = p.reply.send(Err(StoreError::Failed(reason.clone())));
+                    }
+                    Err(reason)
                 }
-                match fatal {
-                    Some(reason) => Err(reason),
-                    None => Ok(()),
-                }
+            },
+        }
+    }
+
+    /// Whether the appends may be written now: not while writes fail, and only when the disk
+    /// can take them (see `space`).
+    fn admit(&mut self, appends: &[Pending], now: Instant) -> Result<(), Refusal> {
+        if let Some((reason, retry_at)) = self.unwritable {
+            if now < retry_at {
+                return Err(reason);
             }
-            Err(e) => {
-                let reason = format!("committing queued messages: {e}");
-                for (_, reply) in appends {
-                    let _ = reply.send(Err(StoreError::Failed(reason.clone())));
-                }
+        }
+        let bytes: u64 = appends
+            .iter()
+            .flat_map(|p| &p.msgs)
+            .map(|m| row_bytes(&m.topic, &m.payload))
+            .sum();
+        let layout = self.space.layout();
+        let (conn, settings) = (&self.conn, &self.settings);
+        let result = self
+            .space
+            .admit(bytes, now, || file_state(conn, settings, layout));
+        match result {
+            Ok(()) => Ok(()),
+            Err(short) => {
+                let reason = match short {
+                    Short::ReadOnly => Refusal::ReadOnly,
+                    Short::Headroom { .. } | Short::NoReserve { .. } => Refusal::DiskFull,
+                };
+                self.set_admission(Some(reason), Some(short));
                 Err(reason)
             }
         }
     }
 
-    /// Answers one append that could not be written: counted as `disk_full`, or failed with
-    /// `fatal` when the store is stopping for another error.
-    fn refuse_disk_full(
+    /// Records a survivable write failure and returns the refusal it means for new rows.
+    fn note_failure(
         &mut self,
-        (msgs, reply): (Vec<NewMessage>, Reply<AppendOutcome>),
+        failure: WriteFailure,
+        e: &rusqlite::Error,
         now: Instant,
-        fatal: Option<&String>,
-    ) {
-        if let Some(reason) = fatal {
-            let _ = reply.send(Err(StoreError::Failed(reason.clone())));
-            return;
+    ) -> Refusal {
+        let reason = match failure {
+            WriteFailure::Full => {
+                tracing::debug!(error = %e, reserve_held = self.space.reserve_held(), "store write failed: disk full");
+                // The next admission reads the filesystem again.
+                self.space.read(now);
+                Refusal::DiskFull
+            }
+            WriteFailure::Unwritable(reason) => {
+                // SQLite reports EROFS on a write as an I/O error; the filesystem's flag (or,
+                // after an ext4 error remount, a probe file) says which it is.
+                let read_only = matches!(self.space.read(now), Some(r) if r.read_only)
+                    || (reason == Refusal::IoError && space::refuses_writes(self.space.dir()));
+                let reason = if read_only { Refusal::ReadOnly } else { reason };
+                if self.unwritable.is_none() {
+                    tracing::error!(error = %e, reason = reason.name(), "writing the store failed; new messages are refused until it works again, queued ones are still forwarded");
+                }
+                self.unwritable = Some((reason, now + UNWRITABLE_RETRY));
+                reason
+            }
+        };
+        self.set_admission(Some(reason), None);
+        reason
+    }
+
+    /// Commits acks on their own. On a full disk the reserve is released and the log
+    /// checkpointed first, so acknowledged rows are deleted whoever filled the disk; acks that
+    /// still cannot be committed wait in the batch (and fetch no longer returns their rows).
+    fn commit_acks(
+        &mut self,
+        acks: Vec<i64>,
+        batch: &mut Batch,
+        now: Instant,
+    ) -> Result<(), String> {
+        if acks.is_empty() {
+            return Ok(());
         }
-        let rows = msgs.len() as u64;
-        self.dropped.add(DropReason::DiskFull, rows);
-        self.unpersisted[DropReason::DiskFull.index()] += rows;
-        self.drop_log.record(DropReason::DiskFull, rows, now);
-        let _ = reply.send(Ok(AppendOutcome {
-            accepted: 0,
-            dropped: msgs.len(),
+        if let Some((_, retry_at)) = self.unwritable {
+            if now < retry_at {
+                return self.keep_acks(acks, batch, now);
+            }
+        }
+        let mut released = false;
+        loop {
+            match self.write_acks_relaxed(&acks) {
+                Ok(txn) => {
+                    self.apply(txn, Vec::new(), now);
+                    self.stuck_acks.clear();
+                    if self.unwritable.take().is_some() {
+                        tracing::info!("the store is writable again");
+                    }
+                    if released {
+                        tracing::warn!(
+                            deleted = acks.len(),
+                            "disk full: the store's reserve was released so acknowledged messages could be deleted; it is taken back once space returns"
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) => match write_failure(&e) {
+                    Some(WriteFailure::Full) if !released => {
+                        released = true;
+                        self.set_admission(Some(Refusal::DiskFull), None);
+                        self.space.release_reserve();
+                        // Moves what the log holds into the database file (the space the reserve
+                        // gave back) and lets the next transaction reuse the log from its start.
+                        if let Err(e) =
+                            self.conn
+                                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                        {
+                            tracing::debug!(error = %e, "checkpoint on a full disk failed");
+                        }
+                    }
+                    Some(failure) => {
+                        let reason = self.note_failure(failure, &e, now);
+                        if reason == Refusal::DiskFull {
+                            // Even with the reserve given back: try again at the next sweep.
+                            self.unwritable = Some((Refusal::DiskFull, now + UNWRITABLE_RETRY));
+                        }
+                        return self.keep_acks(acks, batch, now);
+                    }
+                    None => {
+                        return Err(format!("committing acknowledgements: {e}"));
+                    }
+                },
+            }
+        }
+    }
+
+    /// A transaction that only deletes acknowledged rows need not wait for an fsync: in WAL
+    /// mode its frames are in the OS page cache at COMMIT, so a crash of edgegate keeps it, and
+    /// a power cut can only bring those rows back as duplicates, never lose one. The next
+    /// commit with new rows fsyncs the WAL, these frames included.
+    fn write_acks_relaxed(&mut self, acks: &[i64]) -> rusqlite::Result<TxnResult> {
+        let relax = self.settings.sync_full;
+        if relax {
+            self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        }
+        let result = self.in_transaction(|w| w.write(&[], acks));
+        if relax {
+            self.conn.execute_batch("PRAGMA synchronous = FULL")?;
+        }
+        result
+    }
+
+    /// Acks that cannot be committed now: they wait in the batch (tried again within a
+    /// second) and fetch skips their rows meanwhile.
+    fn keep_acks(&mut self, acks: Vec<i64>, batch: &mut Batch, now: Instant) -> Result<(), String> {
+        self.stuck_acks.extend(acks.iter().copied());
+        batch.acks.extend(acks);
+        let retry = now + UNWRITABLE_RETRY;
+        batch.deadline = Some(batch.deadline.map_or(retry, |d| d.min(retry)));
+        Ok(())
+    }
+
+    /// Answers one append refused before its transaction: counted as dropped or handed back.
+    fn refuse(&mut self, p: Pending, reason: Refusal, now: Instant) {
+        let rows = p.msgs.len() as u64;
+        if p.on_refusal == OnRefusal::Count {
+            let r = reason.drop_reason();
+            self.dropped.add(r, rows);
+            self.unpersisted[r.index()] += rows;
+            self.drop_log.record(r, rows, now);
+        }
+        let refused = match p.on_refusal {
+            OnRefusal::Count => Vec::new(),
+            OnRefusal::Return => p.msgs,
+        };
+        let _ = p.reply.send(Ok(AppendOutcome {
+            stored: 0,
+            refused: Some(Refused {
+                reason,
+                rows: refused,
+            }),
             last_id: None,
         }));
+    }
+
+    /// Changes what [`Admission`] says (and logs the change): `Some(reason)` refusing,
+    /// `None` open.
+    fn set_admission(&mut self, refusing: Option<Refusal>, short: Option<Short>) {
+        let next = match refusing {
+            None => Admission::Open,
+            Some(reason) => match &self.admission {
+                Admission::Refusing {
+                    reason: r,
+                    since_ms,
+                } if *r == reason => Admission::Refusing {
+                    reason,
+                    since_ms: *since_ms,
+                },
+                _ => Admission::Refusing {
+                    reason,
+                    since_ms: super::now_ms(),
+                },
+            },
+        };
+        if next == self.admission {
+            return;
+        }
+        match &next {
+            Admission::Open => tracing::info!(
+                was = %match &self.admission { Admission::Refusing { reason, .. } => reason.name(), Admission::Open => "open" },
+                "the store accepts new messages again"
+            ),
+            Admission::Refusing { reason, .. } => {
+                let free = match short {
+                    Some(Short::Headroom { free } | Short::NoReserve { free }) => Some(free),
+                    _ => self.space.last_reading().map(|r| r.free),
+                };
+                tracing::warn!(
+                    reason = reason.name(),
+                    meaning = reason.meaning(),
+                    free_bytes = free,
+                    reserve_held = self.space.reserve_held(),
+                    "the store refuses new messages: MQTT 5 devices get PUBACK/PUBREC 0x97 (quota exceeded), MQTT 3.1.1 devices are held unacknowledged, QoS 0 messages and readings are dropped and counted; queued messages are still forwarded"
+                );
+            }
+        }
+        self.admission = next.clone();
+        self.channels.admission.send_replace(next);
     }
 
     /// Runs `f` inside BEGIN IMMEDIATE … COMMIT, rolling back on any error.
@@ -540,13 +811,9 @@ impl Worker {
         res
     }
 
-    /// The body of one group commit.
-    fn write(
-        &mut self,
-        appends: &[(Vec<NewMessage>, Reply<AppendOutcome>)],
-        acks: &[i64],
-        disk_low: bool,
-    ) -> rusqlite::Result<TxnResult> {
+    /// The body of one group commit: acks first (they free budget), then each append's rows in
+    /// order until one is refused; that one and the rest of its append are not written.
+    fn write(&mut self, appends: &[Pending], acks: &[i64]) -> rusqlite::Result<TxnResult> {
         let mut txn = TxnResult {
             totals: self.totals.clone(),
             next_seq: self.next_seq,
@@ -554,9 +821,10 @@ impl Worker {
             new_topics: Vec::new(),
             topics_inserted: 0,
             outcomes: Vec::with_capacity(appends.len()),
+            last_ids: Vec::with_capacity(appends.len()),
             inserted: 0,
             acked: 0,
-            dropped: [0; 3],
+            dropped: [0; 4],
             freed_bytes: 0,
         };
 
@@ -589,10 +857,8 @@ impl Worker {
             }
         }
 
-        // Ids inserted by each append, to report what survived eviction.
-        let mut inserted_ids: Vec<Vec<i64>> = Vec::with_capacity(appends.len());
-        let rows: i64 = appends.iter().map(|(m, _)| m.len() as i64).sum();
-        if !disk_low && rows > 0 && txn.next_seq + rows > self.seq_reserved {
+        let rows: i64 = appends.iter().map(|p| p.msgs.len() as i64).sum();
+        if rows > 0 && txn.next_seq + rows > self.seq_reserved {
             let reserved = txn.next_seq + rows + SEQ_RESERVE_STEP;
             self.conn
                 .prepare_cached(
@@ -602,28 +868,39 @@ impl Worker {
                 .execute(params![SEQ_RESERVED_KEY, reserved])?;
             txn.reserved = Some(reserved);
         }
+        // Rows committed before this transaction have lower sequence numbers than any it
+        // inserts: eviction takes only those, never a row it has just stored.
+        let mut evictor = Evictor::new(txn.next_seq);
         {
             let mut ins = self.conn.prepare_cached(
                 "INSERT INTO messages (id, topic, payload, flags, created_ms, size)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
-            for (msgs, _) in appends {
-                let mut ids = Vec::with_capacity(msgs.len());
-                let mut refused = 0usize;
-                for m in msgs {
+            for p in appends {
+                let mut stored = 0usize;
+                let mut last_id = None;
+                let mut refused = None;
+                for m in &p.msgs {
                     let size = row_bytes(&m.topic, &m.payload);
-                    if disk_low {
-                        txn.dropped[DropReason::DiskFull.index()] += 1;
-                        refused += 1;
-                        continue;
+                    if size > self.settings.max_bytes {
+                        refused = Some(Refusal::TooLarge);
+                        break;
                     }
-                    let too_big = size > self.settings.max_bytes;
-                    let no_room = self.settings.when_full == WhenFull::DropNewest
-                        && txn.totals.bytes + size > self.settings.max_bytes;
-                    if too_big || no_room {
-                        txn.dropped[DropReason::StoreFull.index()] += 1;
-                        refused += 1;
-                        continue;
+                    if txn.totals.bytes + size > self.settings.max_bytes {
+                        let fits = match self.settings.when_full {
+                            WhenFull::DropNewest => false,
+                            WhenFull::DropOldest => evictor.make_room(
+                                &self.conn,
+                                &mut txn,
+                                size,
+                                m.priority,
+                                self.settings.max_bytes,
+                            )?,
+                        };
+                        if !fits {
+                            refused = Some(Refusal::StoreFull);
+                            break;
+                        }
                     }
                     let topic = self.topic_id(&m.topic, &mut txn)?;
                     let id = super::row_id(m.priority, txn.next_seq);
@@ -639,32 +916,14 @@ impl Worker {
                     ])?;
                     txn.totals.add(m.priority, size);
                     txn.inserted += 1;
-                    ids.push(id);
+                    stored += 1;
+                    last_id = Some(id);
                 }
-                txn.outcomes.push(AppendOutcome {
-                    accepted: ids.len(),
-                    dropped: refused,
-                    last_id: ids.last().copied(),
-                });
-                inserted_ids.push(ids);
-            }
-        }
-
-        if txn.totals.bytes > self.settings.max_bytes {
-            let evicted = self.evict(&mut txn)?;
-            if !evicted.is_empty() {
-                for (outcome, ids) in txn.outcomes.iter_mut().zip(&inserted_ids) {
-                    let kept: Vec<i64> = ids
-                        .iter()
-                        .copied()
-                        .filter(|id| !evicted.contains(id))
-                        .collect();
-                    let lost = ids.len() - kept.len();
-                    txn.inserted -= lost as u64;
-                    outcome.accepted = kept.len();
-                    outcome.dropped += lost;
-                    outcome.last_id = kept.last().copied();
+                if let (Some(reason), OnRefusal::Count) = (refused, p.on_refusal) {
+                    txn.dropped[reason.drop_reason().index()] += (p.msgs.len() - stored) as u64;
                 }
+                txn.outcomes.push((stored, refused));
+                txn.last_ids.push(last_id);
             }
         }
         let mut to_persist = self.unpersisted;
@@ -722,7 +981,7 @@ impl Worker {
 
     /// Adds drop counts to the counters kept in `meta`, inside the caller's transaction. Only
     /// transactions that drop something pay for this write.
-    fn persist_drops(&self, counts: &[u64; 3]) -> rusqlite::Result<()> {
+    fn persist_drops(&self, counts: &[u64; 4]) -> rusqlite::Result<()> {
         if counts.iter().all(|&n| n == 0) {
             return Ok(());
         }
@@ -739,70 +998,8 @@ impl Worker {
         Ok(())
     }
 
-    /// drop_oldest: deletes lowest-priority, oldest rows (new ones included) until the store
-    /// fits `max_bytes`. Returns the evicted ids.
-    fn evict(&mut self, txn: &mut TxnResult) -> rusqlite::Result<HashSet<i64>> {
-        let mut evicted = HashSet::new();
-        let mut pick = self.conn.prepare_cached(
-            "SELECT id, size FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
-        )?;
-        let mut del = self
-            .conn
-            .prepare_cached("DELETE FROM messages WHERE id = ?1")?;
-        // Each pass deletes at least one row or stops, so the row count bounds the loop.
-        let mut passes = txn.totals.rows + 1;
-        let mut after: (u8, i64) = (0, 0);
-        while txn.totals.bytes > self.settings.max_bytes && passes > 0 {
-            passes -= 1;
-            let Some(priority) = txn.totals.lowest_priority() else {
-                break;
-            };
-            let (lo, hi) = band(priority);
-            // Never below the band: ids under it belong to higher priorities.
-            let start = if after.0 == priority {
-                after.1.max(lo - 1)
-            } else {
-                lo - 1
-            };
-            let candidates: Vec<(i64, i64)> = pick
-                .query_map(params![start, hi, EVICT_CHUNK], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            if candidates.is_empty() {
-                // The totals claim rows the table does not have: trust the table.
-                tracing::error!(
-                    priority,
-                    "store totals out of step with the file; recounting"
-                );
-                txn.totals = Totals::load(&self.conn)?;
-                if txn.totals.lowest_priority() == Some(priority) {
-                    break;
-                }
-                continue;
-            }
-            for (id, size) in candidates {
-                if txn.totals.bytes <= self.settings.max_bytes {
-                    break;
-                }
-                del.execute([id])?;
-                txn.totals.remove(priority, size as u64);
-                txn.dropped[DropReason::StoreFull.index()] += 1;
-                txn.freed_bytes += size as u64;
-                evicted.insert(id);
-                after = (priority, id);
-            }
-        }
-        Ok(evicted)
-    }
-
     /// Applies a committed transaction to memory, answers waiters, wakes the forwarder.
-    fn apply(
-        &mut self,
-        txn: TxnResult,
-        appends: Vec<(Vec<NewMessage>, Reply<AppendOutcome>)>,
-        now: Instant,
-    ) {
+    fn apply(&mut self, txn: TxnResult, appends: Vec<Pending>, now: Instant) {
         self.totals = txn.totals;
         self.next_seq = txn.next_seq;
         if let Some(r) = txn.reserved {
@@ -813,7 +1010,7 @@ impl Worker {
         }
         self.topic_ids.extend(txn.new_topics);
         self.topics_since_gc += txn.topics_inserted;
-        self.unpersisted = [0; 3];
+        self.unpersisted = [0; 4];
         self.appended_total += txn.inserted;
         self.acked_total += txn.acked;
         self.freed_since_vacuum += txn.freed_bytes;
@@ -822,51 +1019,62 @@ impl Worker {
             self.dropped.add(reason, n);
             self.drop_log.record(reason, n, now);
         }
-        for ((_, reply), outcome) in appends.into_iter().zip(txn.outcomes) {
-            let _ = reply.send(Ok(outcome));
+        let mut refusal = None;
+        for ((p, (stored, refused)), last_id) in
+            appends.into_iter().zip(txn.outcomes).zip(txn.last_ids)
+        {
+            let mut msgs = p.msgs;
+            let refused = refused.map(|reason| {
+                refusal = refusal.or(Some(reason));
+                let rest = msgs.split_off(stored);
+                Refused {
+                    reason,
+                    rows: match p.on_refusal {
+                        OnRefusal::Return => rest,
+                        OnRefusal::Count => Vec::new(),
+                    },
+                }
+            });
+            let _ = p.reply.send(Ok(AppendOutcome {
+                stored,
+                refused,
+                last_id,
+            }));
         }
         if txn.inserted > 0 {
             self.commit_seq += 1;
-            self.committed_tx.send_replace(self.commit_seq);
+            self.channels.committed.send_replace(self.commit_seq);
+        }
+        // Refusing for the budget (drop_newest, or nothing evictable) ends once the backlog
+        // has shrunk below it with a margin; a transaction that stored rows shows the disk
+        // takes them again.
+        match (refusal, &self.admission) {
+            (Some(Refusal::StoreFull), _) => self.set_admission(Some(Refusal::StoreFull), None),
+            (
+                None,
+                Admission::Refusing {
+                    reason: Refusal::StoreFull,
+                    ..
+                },
+            ) if self.budget_has_room() => self.set_admission(None, None),
+            (
+                None,
+                Admission::Refusing {
+                    reason: Refusal::StoreFull,
+                    ..
+                },
+            ) => {}
+            (None, Admission::Refusing { .. }) if txn.inserted > 0 => {
+                self.set_admission(None, None)
+            }
+            _ => {}
         }
     }
 
-    /// True when free space is below `min_free_disk` (probing at most once per second).
-    fn disk_low(&mut self, now: Instant) -> bool {
-        if self.settings.min_free_disk == 0 {
-            return false;
-        }
-        let stale = self
-            .disk
-            .last_probe
-            .is_none_or(|t| now.duration_since(t) >= DISK_PROBE_EVERY);
-        if stale {
-            self.disk.last_probe = Some(now);
-            self.disk.free = (self.disk.probe)(&self.settings.dir);
-            // An unreadable filesystem status must not stop intake: SQLite's own ENOSPC
-            // handling still protects the file.
-            let low = self
-                .disk
-                .free
-                .is_some_and(|f| f < self.settings.min_free_disk);
-            if low != self.disk.low {
-                if low {
-                    tracing::warn!(
-                        free_bytes = self.disk.free,
-                        min_free_disk = self.settings.min_free_disk,
-                        "disk nearly full: refusing new messages until space returns; \
-                         queued ones are kept and still forwarded"
-                    );
-                } else {
-                    tracing::info!(
-                        free_bytes = self.disk.free,
-                        "disk space back above min_free_disk: accepting messages again"
-                    );
-                }
-                self.disk.low = low;
-            }
-        }
-        self.disk.low
+    /// Whether the backlog is far enough below `max_bytes` to accept again after a refusal.
+    fn budget_has_room(&self) -> bool {
+        let margin = (self.settings.max_bytes / BUDGET_HYSTERESIS_DIV).max(64 * 1024);
+        self.totals.bytes + margin <= self.settings.max_bytes
     }
 
     /// Housekeeping: expiry, drop-log flush, disk probe, incremental vacuum.
@@ -882,7 +1090,7 @@ impl Worker {
                 Err(e) => tracing::warn!(error = %e, "store expiry sweep failed; will retry"),
             }
         }
-        self.disk_low(now);
+        self.recheck_admission(now);
         self.drop_log.flush(now);
         if let Err(e) = self.vacuum_step() {
             if is_corruption(&e) {
@@ -897,6 +1105,69 @@ impl Worker {
             tracing::debug!(error = %e, "store topic cleanup skipped");
         }
         Ok(())
+    }
+
+    /// While refusing, whether the cause is gone; while open, takes the reserve back if it was
+    /// released.
+    fn recheck_admission(&mut self, now: Instant) {
+        let files = |w: &Self| file_state(&w.conn, &w.settings, w.space.layout());
+        match self.admission.clone() {
+            Admission::Open => {
+                if !self.space.reserve_held() {
+                    if let Some(r) = self.space.read(now) {
+                        self.space.take_reserve(r);
+                    }
+                }
+            }
+            Admission::Refusing {
+                reason: Refusal::StoreFull,
+                ..
+            } => {
+                if self.budget_has_room() {
+                    self.set_admission(None, None);
+                }
+            }
+            Admission::Refusing {
+                reason: Refusal::DiskFull,
+                ..
+            } => {
+                if self.unwritable.is_some_and(|(_, at)| now < at) {
+                    return;
+                }
+                let state = files(self);
+                if self.space.check(now, || state).is_ok() {
+                    self.unwritable = None;
+                    self.set_admission(None, None);
+                }
+            }
+            Admission::Refusing { reason, .. } => {
+                if self.unwritable.is_some_and(|(_, at)| now < at) {
+                    return;
+                }
+                if self.space.read(now).is_some_and(|r| r.read_only) {
+                    self.unwritable = Some((Refusal::ReadOnly, now + UNWRITABLE_RETRY));
+                    return;
+                }
+                // A write of one page says whether writing works again.
+                let probe = self.in_transaction(|w| {
+                    w.conn.execute(
+                        "UPDATE meta SET value = value WHERE key = 'schema_version'",
+                        [],
+                    )
+                });
+                match probe {
+                    Ok(_) => {
+                        self.unwritable = None;
+                        tracing::info!(was = reason.name(), "the store is writable again");
+                        self.set_admission(None, None);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the store is still not writable");
+                        self.unwritable = Some((reason, now + UNWRITABLE_RETRY));
+                    }
+                }
+            }
+        }
     }
 
     fn expire(&mut self, cutoff_ms: i64) -> rusqlite::Result<()> {
@@ -937,7 +1208,7 @@ impl Worker {
             w.persist_drops(&counts)?;
             Ok(rows)
         })?;
-        self.unpersisted = [0; 3];
+        self.unpersisted = [0; 4];
         for &(id, size) in &gone {
             self.totals.remove(super::priority_of(id), size as u64);
             self.freed_since_vacuum += size as u64;
@@ -1019,7 +1290,10 @@ impl Worker {
             let after = cursor.position(priority).max(lo - 1);
             let rows = stmt.query_map(params![after, hi, want as i64], read_message)?;
             for row in rows {
-                out.push(row?);
+                let row = row?;
+                if !self.stuck_acks.contains(&row.id) {
+                    out.push(row);
+                }
             }
         }
         Ok(out)
@@ -1047,8 +1321,131 @@ impl Worker {
             acked_total: self.acked_total,
             dropped: self.dropped,
             file_bytes: super::file_bytes(&self.settings.path),
-            free_disk_bytes: (self.disk.probe)(&self.settings.dir),
+            free_disk_bytes: self.space.read(Instant::now()).map(|r| r.free),
+            admission: self.admission.clone(),
+            reserve_held: self.space.reserve_held(),
         })
+    }
+}
+
+/// What the database file and its log look like now, for `space`.
+fn file_state(conn: &Connection, settings: &Settings, layout: Layout) -> FileState {
+    let pages = |pragma: &str| -> u64 {
+        conn.pragma_query_value(None, pragma, |r| r.get::<_, i64>(0))
+            .map_or(0, |v| v.max(0) as u64)
+    };
+    let logical = pages("page_count") * layout.page_size;
+    let file = std::fs::metadata(&settings.path).map_or(0, |m| m.len());
+    // (busy, frames in the log, frames checkpointed): a passive checkpoint waits for nobody.
+    let wal_used = conn
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })
+        .map_or(u64::MAX / 4, |(log, done)| {
+            if log >= 0 && log == done {
+                0
+            } else {
+                (log.max(0) as u64) * (layout.page_size + 24) + 32
+            }
+        });
+    FileState {
+        wal_used,
+        wal_len: std::fs::metadata(&settings.wal_path).map_or(0, |m| m.len()),
+        pending_growth: logical.saturating_sub(file),
+        free_pages: pages("freelist_count") * layout.page_size,
+    }
+}
+
+/// drop_oldest within one transaction: deletes committed rows, lowest priority first and
+/// oldest first within it, of a priority no higher than the row they make room for.
+struct Evictor {
+    /// Sequence numbers from here on were inserted by this transaction.
+    first_new_seq: i64,
+    /// Candidates read for `band`, oldest first.
+    queue: std::collections::VecDeque<(i64, i64)>,
+    band: Option<u8>,
+    /// Last id taken from `band` (the next read starts after it).
+    after: i64,
+}
+
+impl Evictor {
+    fn new(first_new_seq: i64) -> Evictor {
+        Evictor {
+            first_new_seq,
+            queue: std::collections::VecDeque::new(),
+            band: None,
+            after: 0,
+        }
+    }
+
+    /// Evicts until `size` more bytes fit `max_bytes`; `false` when rows of priority at most
+    /// `priority` committed before this transaction do not free enough.
+    fn make_room(
+        &mut self,
+        conn: &Connection,
+        txn: &mut TxnResult,
+        size: u64,
+        priority: u8,
+        max_bytes: u64,
+    ) -> rusqlite::Result<bool> {
+        let mut del = conn.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
+        // Each pass removes a row or moves to a higher band, so this ends.
+        let mut passes = txn.totals.rows as usize + 257;
+        while txn.totals.bytes + size > max_bytes && passes > 0 {
+            passes -= 1;
+            if self.queue.is_empty() && !self.refill(conn, txn, priority)? {
+                return Ok(false);
+            }
+            let Some((id, bytes)) = self.queue.pop_front() else {
+                continue;
+            };
+            del.execute([id])?;
+            let p = super::priority_of(id);
+            txn.totals.remove(p, bytes as u64);
+            txn.dropped[DropReason::StoreFull.index()] += 1;
+            txn.freed_bytes += bytes as u64;
+        }
+        Ok(txn.totals.bytes + size <= max_bytes)
+    }
+
+    /// Reads the next candidates: the lowest band at or below `priority` with old rows left.
+    fn refill(
+        &mut self,
+        conn: &Connection,
+        txn: &TxnResult,
+        priority: u8,
+    ) -> rusqlite::Result<bool> {
+        let mut pick = conn.prepare_cached(
+            "SELECT id, size FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
+        )?;
+        let bands: Vec<u8> = txn
+            .totals
+            .per_priority
+            .keys()
+            .copied()
+            .filter(|&p| p <= priority && self.band.is_none_or(|b| p >= b))
+            .collect();
+        for p in bands {
+            let (lo, _) = band(p);
+            let hi = super::row_id(p, self.first_new_seq) - 1;
+            let start = if self.band == Some(p) {
+                self.after.max(lo - 1)
+            } else {
+                lo - 1
+            };
+            let rows: Vec<(i64, i64)> = pick
+                .query_map(params![start, hi, EVICT_CHUNK], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            if let Some(&(last, _)) = rows.last() {
+                self.band = Some(p);
+                self.after = last;
+                self.queue.extend(rows);
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -1067,7 +1464,7 @@ fn fail_command(cmd: Command, reason: &str) {
         Command::Close { reply } => {
             let _ = reply.send(Err(err()));
         }
-        Command::Ack(_) => {}
+        Command::Ack(_) | Command::Dropped(..) => {}
     }
 }
 
