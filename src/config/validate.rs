@@ -329,6 +329,23 @@ fn check_store(cfg: &Config, p: &mut Problems) {
             "0 would expire every message at once; leave it unset to keep messages until sent",
         );
     }
+    // A message the store can never take could not be acknowledged to an MQTT 3.1.1 device
+    // (there is no negative PUBACK): its connection would be closed at every attempt.
+    let largest = cfg.broker.max_payload_size.get() + 65_535 + crate::store::ROW_OVERHEAD_BYTES;
+    if cfg.uplink.is_some()
+        && s.max_bytes.get() >= MIN_STORE_BYTES
+        && largest > s.max_bytes.get() / 2
+    {
+        p.add(
+            "store.max_bytes",
+            format!(
+                "{} is too small for broker.max_payload_size {}: the store must hold at least two of the largest messages (payload, a topic of up to 64 KiB and {} bytes of overhead)",
+                s.max_bytes,
+                cfg.broker.max_payload_size,
+                crate::store::ROW_OVERHEAD_BYTES
+            ),
+        );
+    }
 }
 
 fn check_uplink(up: &UplinkConfig, gateway_id: &str, p: &mut Problems) {

@@ -9,11 +9,8 @@
 //! the PINGREQs the front sent to keep rumqttd's keep-alive.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -22,9 +19,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::packet::{self, ConnectError, Frame, Malformed};
+use super::rows::{Rows, RowsError, StoreEvent};
 use super::{props, Acl, Refusal, Shared, Subscriptions};
 use crate::sources::local::RuleSettings;
-use crate::store::{Durability, PendingCommit};
+use crate::store::Durability;
 
 /// Packets read from the device and not yet written to rumqttd: beyond this the front stops
 /// reading, and TCP pushes back on the device.
@@ -466,19 +464,27 @@ fn store_will(shared: &Shared, will: Option<StoredWill>) {
 /// A packet on its way to rumqttd.
 struct Entry {
     bytes: Bytes,
-    /// Set for a held PUBLISH until its row committed.
-    commit: Option<PendingCommit>,
+    /// A QoS 1/2 PUBLISH whose row was offered to the store: it waits for the store's verdict
+    /// (taken in order from [`Rows`]).
+    held: Option<HeldId>,
     /// An answer of the front itself (a SUBACK refusing every filter): goes to the device.
     to_device: bool,
     /// A stored PUBLISH without a local subscriber: answered by the front, not passed on.
     direct: Option<Direct>,
 }
 
+/// What the front needs to answer a held PUBLISH itself when the store refuses it (MQTT 5).
+#[derive(Clone, Copy)]
+struct HeldId {
+    qos: u8,
+    pkid: u16,
+}
+
 impl Entry {
     fn plain(bytes: Bytes) -> Entry {
         Entry {
             bytes,
-            commit: None,
+            held: None,
             to_device: false,
             direct: None,
         }
@@ -540,7 +546,10 @@ struct TopicInfo {
 enum Action {
     Forward(Entry),
     /// A QoS 1/2 PUBLISH whose row was queued in `DeviceState::rows`: held until it commits.
-    Held(Bytes, Option<Direct>),
+    Held(Bytes, Option<Direct>, HeldId),
+    /// A packet that may overtake held ones (PINGREQ: the keep-alive is answered while
+    /// messages wait for the store).
+    Bypass(Bytes),
     /// DISCONNECT: forward it, then end (`true`: MQTT 5 reason 0x04, publish the will).
     Disconnect(Entry, bool),
 }
@@ -593,8 +602,9 @@ struct DeviceState<'a> {
     subs_generation: u64,
     own: OwnFilters<'a>,
     aliases: HashMap<u16, Bytes>,
-    /// Rows of the packets parsed since the last append.
-    rows: Vec<crate::store::NewMessage>,
+    /// The rows of this connection's stored messages and the store's answers (none without an
+    /// uplink).
+    rows: Option<Rows<'a>>,
 }
 
 /// The device's side of a connection, for `device_to_broker`.
@@ -636,7 +646,10 @@ where
             keep: session.persistent,
         },
         aliases: HashMap::new(),
-        rows: Vec::new(),
+        rows: shared
+            .durable
+            .as_ref()
+            .map(|d| Rows::new(d.store.clone(), &shared.counters, session.level)),
     };
     let mut fifo: VecDeque<Entry> = VecDeque::new();
     let mut out = BytesMut::new();
@@ -654,8 +667,7 @@ where
     let mut queued_bytes = 0usize;
     loop {
         // Every packet already read is parsed; the rows among them go to the store as one
-        // append, whose commit the first held PUBLISH carries.
-        let mut first_held: Option<usize> = None;
+        // offer (see `rows`), whose answer the held PUBLISHes among them wait for.
         while end.is_none() && fifo.len() < MAX_QUEUED && queued_bytes < MAX_QUEUED_BYTES {
             let Some(f) = packet::frame(&rbuf, shared.max_remaining)? else {
                 break;
@@ -666,16 +678,17 @@ where
                     queued_bytes += e.bytes.len();
                     fifo.push_back(e);
                 }
-                Action::Held(bytes, direct) => {
-                    // Until the append below, a held entry's commit is unset; the entry is
-                    // released only once that commit resolves, so nothing overtakes it.
-                    first_held.get_or_insert(fifo.len());
+                Action::Held(bytes, direct, id) => {
+                    // Released only once the store has answered for its row, so nothing
+                    // overtakes it.
                     queued_bytes += bytes.len();
                     fifo.push_back(Entry {
                         direct,
+                        held: Some(id),
                         ..Entry::plain(bytes)
                     });
                 }
+                Action::Bypass(bytes) => out.extend_from_slice(&bytes),
                 Action::Disconnect(e, with_will) => {
                     queued_bytes += e.bytes.len();
                     fifo.push_back(e);
@@ -687,20 +700,39 @@ where
                 }
             }
         }
-        st.append_rows(first_held.and_then(|i| fifo.get_mut(i)));
+        if let Some(rows) = st.rows.as_mut() {
+            rows.offer();
+            if let Some(r) = rows.poll_answer() {
+                answered(rows, r)?;
+                rows.offer();
+            }
+        }
         // Pass on everything ready at the head, in one write.
         let mut skipped = false;
-        while let Some(head) = fifo.front_mut() {
-            if let Some(commit) = head.commit.as_mut() {
-                match poll_now(commit) {
-                    Poll::Ready(r) => committed(r)?,
-                    Poll::Pending => break,
-                }
-            }
+        while let Some(head) = fifo.front() {
+            let verdict = match head.held {
+                None => None,
+                Some(_) => match st.rows.as_mut().and_then(Rows::take_verdict) {
+                    Some(v) => v,
+                    None => break,
+                },
+            };
             let e = fifo.pop_front().expect("front exists");
             queued_bytes -= e.bytes.len();
             if e.to_device {
                 push_answer(&mut to_device, &e.bytes, passed_qos1);
+                continue;
+            }
+            if let (Some(reason), Some(id)) = (verdict, e.held) {
+                // MQTT 5 only (3.1.1 messages are held instead): the store refused the row,
+                // so rumqttd never sees the message and the device learns it was not taken.
+                tracing::debug!(
+                    reason = reason.name(),
+                    "store refused a device message: answered 0x97"
+                );
+                let [hi, lo] = id.pkid.to_be_bytes();
+                let kind = if id.qos == 2 { 0x50 } else { 0x40 };
+                push_answer(&mut to_device, &[kind, 0x03, hi, lo, 0x97], passed_qos1);
                 continue;
             }
             match e.direct {
@@ -757,9 +789,31 @@ where
                 return Ok(e);
             }
         }
+        if end.is_some() && st.rows.as_ref().is_some_and(|r| r.blocked().is_some()) {
+            // The device disconnected or went away while its messages wait for the store: it
+            // never got their PUBACKs, so they are its own again. What follows them (the
+            // DISCONNECT) still goes to rumqttd.
+            fifo.retain(|e| e.held.is_none());
+            queued_bytes = fifo.iter().map(|e| e.bytes.len()).sum();
+            if let Some(rows) = st.rows.as_mut() {
+                rows.abandon();
+            }
+            continue;
+        }
         let can_read = end.is_none() && fifo.len() < MAX_QUEUED && queued_bytes < MAX_QUEUED_BYTES;
+        let rows = &mut st.rows;
         tokio::select! {
-            r = head_commit(&mut fifo) => committed(r)?,
+            ev = async { match rows.as_mut() { Some(r) => r.event().await, None => std::future::pending().await } } => {
+                let rows = rows.as_mut().expect("an event comes only with rows");
+                match ev {
+                    StoreEvent::Answered(r) => answered(rows, r)?,
+                    StoreEvent::Admitted => {
+                        tracing::debug!("the store takes messages again: held ones are offered");
+                        rows.admitted();
+                    }
+                    StoreEvent::Closed => return Err(Close::Refused(Refusal::StoreFailed)),
+                }
+            }
             n = dev_rd.read_buf(&mut rbuf), if can_read => {
                 if n? == 0 {
                     // Held messages already committed are still passed on: local subscribers
@@ -767,6 +821,39 @@ where
                     end = Some(Ended::DeviceGone);
                 }
             }
+        }
+    }
+}
+
+/// Applies the store's answer to a connection's offer; a store failure or a message that can
+/// never be stored (MQTT 3.1.1 cannot be told) closes the connection without passing the
+/// message on (the device never gets its PUBACK and sends it again).
+fn answered(
+    rows: &mut Rows<'_>,
+    r: Result<crate::store::AppendOutcome, crate::store::StoreError>,
+) -> Result<(), Close> {
+    let was_blocked = rows.blocked().is_some();
+    match rows.answered(r) {
+        Ok(()) => {
+            if let (false, Some(reason)) = (was_blocked, rows.blocked()) {
+                tracing::info!(
+                    reason = reason.name(),
+                    "the store refuses new messages: this MQTT 3.1.1 device's messages are held unacknowledged until it takes them again"
+                );
+            }
+            Ok(())
+        }
+        Err(RowsError::Store(e)) => {
+            tracing::warn!(error = %e, "store append failed: device connection closed, its message not acknowledged");
+            Err(Close::Refused(Refusal::StoreFailed))
+        }
+        Err(RowsError::Unstorable(reason)) => {
+            tracing::warn!(
+                reason = reason.name(),
+                meaning = reason.meaning(),
+                "an MQTT 3.1.1 device sent a message the store can never take: connection closed, the message not acknowledged"
+            );
+            Err(Close::Refused(Refusal::StoreRefused))
         }
     }
 }
@@ -782,42 +869,6 @@ fn push_answer(to_device: &mut Vec<(Vec<u8>, u64)>, bytes: &[u8], after_pubacks:
 fn is_qos1_publish(pkt: &[u8]) -> bool {
     pkt.first()
         .is_some_and(|h| h >> 4 == packet::PUBLISH && (h >> 1) & 0x03 == 1)
-}
-
-/// A commit's result: a store failure closes the connection without passing the message on
-/// (the device never gets its PUBACK and sends it again). A row dropped by the store's
-/// `when_full` policy was counted there and is passed on like before the front.
-fn committed(
-    r: Result<crate::store::AppendOutcome, crate::store::StoreError>,
-) -> Result<(), Close> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            tracing::warn!(error = %e, "store append failed: device connection closed, its message not acknowledged");
-            Err(Close::Refused(Refusal::StoreFailed))
-        }
-    }
-}
-
-/// Resolves with the head entry's commit (and clears it); never when the head is not held.
-async fn head_commit(
-    fifo: &mut VecDeque<Entry>,
-) -> Result<crate::store::AppendOutcome, crate::store::StoreError> {
-    match fifo.front_mut().and_then(|e| e.commit.as_mut()) {
-        Some(c) => {
-            let r = c.await;
-            if let Some(e) = fifo.front_mut() {
-                e.commit = None;
-            }
-            r
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// Polls a future once without a waker: whether it is already done.
-fn poll_now<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
-    Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
 }
 
 impl DeviceState<'_> {
@@ -895,6 +946,10 @@ impl DeviceState<'_> {
                 let with_will = self.level == 5 && pkt.get(f.header_len) == Some(&0x04);
                 Ok(Action::Disconnect(Entry::plain(pkt), with_will))
             }
+            packet::PINGREQ => {
+                packet::check_other(&pkt, f, self.level)?;
+                Ok(Action::Bypass(pkt))
+            }
             _ => {
                 packet::check_other(&pkt, f, self.level)?;
                 Ok(plain(pkt))
@@ -955,20 +1010,23 @@ impl DeviceState<'_> {
             pkt.clone()
         };
 
-        let (Some(rule), true) = (info.rule, self.shared.durable.is_some()) else {
+        let (Some(rule), Some(rows)) = (info.rule, self.rows.as_mut()) else {
             return Ok(Action::Forward(Entry::plain(bytes)));
         };
-        self.rows
-            .push(rule.row(topic_str.to_string(), pkt.slice(p.payload.clone())));
+        rows.push(
+            rule.row(topic_str.to_string(), pkt.slice(p.payload.clone())),
+            p.qos,
+        );
         // Stored, and nobody local can receive it: the front answers the device itself. A
         // retained message must reach rumqttd (a later subscriber gets it), and QoS 2 keeps
         // rumqttd's exchange. Skipping a PUBLISH that sets a topic alias is safe: rumqttd is
         // always given the topic itself when a later packet uses only the alias (above).
+        let pkid = (p.qos > 0).then(|| {
+            let at = p.topic_field.end;
+            u16::from_be_bytes([pkt[at], pkt[at + 1]])
+        });
         let direct = (p.qos < 2 && !p.retain && !info.subscribed).then(|| Direct {
-            pkid: (p.qos == 1).then(|| {
-                let at = p.topic_field.end;
-                u16::from_be_bytes([pkt[at], pkt[at + 1]])
-            }),
+            pkid,
             generation: self.subs_generation,
             topic: topic.clone(),
         });
@@ -983,25 +1041,11 @@ impl DeviceState<'_> {
             }));
         }
         self.shared.counters.held.fetch_add(1, Ordering::Relaxed);
-        Ok(Action::Held(bytes, direct))
-    }
-
-    /// Hands the rows of the packets just read to the store as one append (one transaction).
-    /// `first_held` is the FIFO entry of the first held PUBLISH among them: it carries the
-    /// commit, and the held ones after it are released with it, being in the same transaction.
-    fn append_rows(&mut self, first_held: Option<&mut Entry>) {
-        let Some(durable) = self.shared.durable.as_ref() else {
-            return;
+        let id = HeldId {
+            qos: p.qos,
+            pkid: pkid.unwrap_or(0),
         };
-        if self.rows.is_empty() {
-            return;
-        }
-        let rows = std::mem::take(&mut self.rows);
-        match first_held {
-            Some(entry) => entry.commit = Some(durable.store.append(rows, Durability::Now)),
-            // QoS 0 only: nobody waits, the store may batch them with later rows.
-            None => drop(durable.store.append(rows, Durability::Linger)),
-        }
+        Ok(Action::Held(bytes, direct, id))
     }
 
     /// Whether a direct entry leaving the FIFO still has no local subscriber.

@@ -49,6 +49,7 @@
 mod conn;
 pub mod packet;
 pub mod props;
+mod rows;
 pub mod subs;
 pub mod tls;
 
@@ -175,12 +176,15 @@ pub enum Refusal {
     UnsupportedProtocol,
     BrokerUnavailable,
     StoreFailed,
+    /// MQTT 3.1.1: a message the store can never take (larger than `store.max_bytes`); there
+    /// is no negative PUBACK to say so.
+    StoreRefused,
     /// TLS or WebSocket handshake failed.
     Handshake,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::ConnectionLimit,
         Refusal::ConnectTimeout,
         Refusal::BadCredentials,
@@ -188,6 +192,7 @@ impl Refusal {
         Refusal::UnsupportedProtocol,
         Refusal::BrokerUnavailable,
         Refusal::StoreFailed,
+        Refusal::StoreRefused,
         Refusal::Handshake,
     ];
 
@@ -200,6 +205,7 @@ impl Refusal {
             Refusal::UnsupportedProtocol => "unsupported_protocol",
             Refusal::BrokerUnavailable => "broker_unavailable",
             Refusal::StoreFailed => "store_failed",
+            Refusal::StoreRefused => "store_refused",
             Refusal::Handshake => "handshake",
         }
     }
@@ -232,8 +238,15 @@ pub struct FrontCounters {
     pub wills_stored: AtomicU64,
     /// MQTT 5 publishes (or wills) whose properties were removed so rumqttd cannot crash.
     pub properties_stripped: AtomicU64,
+    /// MQTT 3.1.1 connections whose messages wait unacknowledged because the store refuses
+    /// new rows, right now.
+    pub devices_held: AtomicUsize,
+    /// QoS 1/2 messages of those connections waiting, right now.
+    pub messages_held: AtomicUsize,
     malformed: [AtomicU64; Malformed::ALL.len()],
     refused: [AtomicU64; Refusal::ALL.len()],
+    /// MQTT 5 QoS 1/2 messages answered with PUBACK/PUBREC 0x97, by the store's reason.
+    rejected: [AtomicU64; crate::store::Refusal::ALL.len()],
 }
 
 impl FrontCounters {
@@ -247,6 +260,20 @@ impl FrontCounters {
         Refusal::ALL
             .iter()
             .map(|r| (r.name(), self.refused[r.index()].load(Ordering::Relaxed)))
+    }
+
+    /// MQTT 5 messages answered 0x97 (quota exceeded) because the store refused them.
+    pub fn rejected(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        crate::store::Refusal::ALL
+            .iter()
+            .zip(&self.rejected)
+            .map(|(r, n)| (r.name(), n.load(Ordering::Relaxed)))
+    }
+
+    fn count_rejected(&self, r: crate::store::Refusal) {
+        if let Some(i) = crate::store::Refusal::ALL.iter().position(|x| *x == r) {
+            self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn count_malformed(&self, m: Malformed) {

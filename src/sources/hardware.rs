@@ -418,8 +418,25 @@ async fn emit(
         if let (Some(store), false) = (&store, rows.is_empty()) {
             let n = rows.len() as u64;
             match store.append(rows, Durability::Now).await {
-                Ok(_) => {
-                    counters.stored.fetch_add(n, Ordering::Relaxed);
+                Ok(out) => {
+                    counters
+                        .stored
+                        .fetch_add(out.stored as u64, Ordering::Relaxed);
+                    if let Some(reason) = out.refusal() {
+                        // Counted as dropped by the store; not marked as stored, so the
+                        // local-link intake (front off) does not skip them either.
+                        let mut left = out.stored;
+                        for s in stored.iter_mut().filter(|s| **s) {
+                            if left == 0 {
+                                *s = false;
+                            } else {
+                                left -= 1;
+                            }
+                        }
+                        if failures.allow() {
+                            tracing::warn!(reason = reason.name(), refused = n - out.stored as u64, "hardware readings refused by the store (counted as dropped); they are published locally only");
+                        }
+                    }
                 }
                 Err(e) => {
                     counters.store_failed.fetch_add(n, Ordering::Relaxed);
