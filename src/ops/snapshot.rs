@@ -69,6 +69,16 @@ pub struct FrontStatus {
     /// Stored QoS 0 messages without a local subscriber, not passed to rumqttd.
     #[serde(default)]
     pub skipped_qos0: u64,
+    /// MQTT 3.1.1 connections whose QoS 1/2 messages wait unacknowledged because the store
+    /// refuses new messages, right now, and how many messages wait.
+    #[serde(default)]
+    pub devices_held: u64,
+    #[serde(default)]
+    pub messages_held: u64,
+    /// MQTT 5 QoS 1/2 messages answered PUBACK/PUBREC 0x97 because the store refused them,
+    /// by the store's reason.
+    #[serde(default)]
+    pub rejected: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -121,6 +131,22 @@ pub struct StoreFile {
     pub path: String,
     pub file_bytes: u64,
     pub free_disk_bytes: Option<u64>,
+    /// `true` while new messages are taken; otherwise `refusing` says why.
+    #[serde(default)]
+    pub accepting: bool,
+    #[serde(default)]
+    pub refusing: Option<Refusing>,
+    /// The disk reserve that lets deletes commit on a full disk is held.
+    #[serde(default)]
+    pub reserve_held: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Refusing {
+    /// `disk_full`, `store_full`, `read_only` or `io_error`.
+    pub reason: String,
+    pub meaning: String,
+    pub for_s: f64,
 }
 
 #[derive(Default)]
@@ -245,10 +271,21 @@ impl Telemetry {
                         })
                         .collect(),
                 });
+                let refusing = match &st.admission {
+                    crate::store::Admission::Open => None,
+                    crate::store::Admission::Refusing { reason, since_ms } => Some(Refusing {
+                        reason: reason.name().to_string(),
+                        meaning: reason.meaning().to_string(),
+                        for_s: now_ms().saturating_sub(*since_ms).max(0) as f64 / 1000.0,
+                    }),
+                };
                 store = Some(StoreFile {
                     path: h.path().display().to_string(),
                     file_bytes: st.file_bytes,
                     free_disk_bytes: st.free_disk_bytes,
+                    accepting: refusing.is_none(),
+                    refusing,
+                    reserve_held: st.reserve_held,
                 });
             }
         }
@@ -302,6 +339,13 @@ impl Telemetry {
                 properties_stripped: f.properties_stripped.load(Ordering::Relaxed),
                 acked_direct: f.acked_direct.load(Ordering::Relaxed),
                 skipped_qos0: f.skipped_qos0.load(Ordering::Relaxed),
+                devices_held: f.devices_held.load(Ordering::Relaxed) as u64,
+                messages_held: f.messages_held.load(Ordering::Relaxed) as u64,
+                rejected: f
+                    .rejected()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| (k.to_string(), n))
+                    .collect(),
             }),
         }
     }
@@ -458,6 +502,19 @@ impl Snapshot {
                 f.acked_direct,
                 f.skipped_qos0,
             ));
+            if f.devices_held > 0 {
+                line(format!(
+                    "          HELD: {} MQTT 3.1.1 devices wait with {} unacknowledged messages (the store refuses new messages)",
+                    f.devices_held, f.messages_held
+                ));
+            }
+            if !f.rejected.is_empty() {
+                let r: Vec<String> = f.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                line(format!(
+                    "          refused to MQTT 5 devices (PUBACK 0x97): {}",
+                    r.join(", ")
+                ));
+            }
         }
         if let Some(st) = &self.store {
             let free = st
@@ -469,6 +526,17 @@ impl Snapshot {
                 st.path,
                 crate::config::ByteSize(st.file_bytes)
             ));
+            if let Some(r) = &st.refusing {
+                line(format!(
+                    "          REFUSING new messages for {}: {} ({})",
+                    crate::forward::human_age(Duration::from_secs_f64(r.for_s)),
+                    r.reason,
+                    r.meaning
+                ));
+            }
+            if !st.reserve_held {
+                line("          the disk reserve is in use (the disk was full); taken back once space returns".to_string());
+            }
         }
         s
     }
@@ -624,6 +692,29 @@ impl Snapshot {
                 "Device connections the front closed or refused, by kind and reason.",
                 &closed,
             );
+            metric(
+                "devices_held",
+                "gauge",
+                "MQTT 3.1.1 device connections whose messages wait unacknowledged because the store refuses new messages.",
+                &one(f.devices_held as f64),
+            );
+            metric(
+                "messages_held",
+                "gauge",
+                "QoS 1/2 messages of held devices waiting for the store.",
+                &one(f.messages_held as f64),
+            );
+            let rejected: Vec<(String, f64)> = f
+                .rejected
+                .iter()
+                .map(|(k, v)| (format!("{{reason=\"{}\"}}", escape(k)), *v as f64))
+                .collect();
+            metric(
+                "front_rejected_total",
+                "counter",
+                "MQTT 5 QoS 1/2 messages answered PUBACK/PUBREC 0x97 because the store refused them, by reason.",
+                &rejected,
+            );
         }
         if let Some(st) = &self.store {
             metric(
@@ -640,6 +731,35 @@ impl Snapshot {
                     &one(free as f64),
                 );
             }
+            metric(
+                "store_accepting",
+                "gauge",
+                "1 while the store takes new messages; 0 while it refuses them (see store_refusing).",
+                &one(if st.accepting { 1.0 } else { 0.0 }),
+            );
+            let refusing: Vec<(String, f64)> = crate::store::Refusal::ALL
+                .iter()
+                .filter(|r| !r.is_permanent())
+                .map(|r| {
+                    let on = st.refusing.as_ref().is_some_and(|x| x.reason == r.name());
+                    (
+                        format!("{{reason=\"{}\"}}", r.name()),
+                        if on { 1.0 } else { 0.0 },
+                    )
+                })
+                .collect();
+            metric(
+                "store_refusing",
+                "gauge",
+                "1 for the reason the store refuses new messages now.",
+                &refusing,
+            );
+            metric(
+                "store_reserve_held",
+                "gauge",
+                "1 while the store holds its disk reserve (0: it was used to delete on a full disk).",
+                &one(if st.reserve_held { 1.0 } else { 0.0 }),
+            );
         }
         let ages: Vec<(String, f64)> = self
             .sensors
