@@ -410,6 +410,13 @@ impl Gateway {
     }
 
     /// `edgegate buffer stats --json`, parsed. Panics with the output when it fails.
+    /// `edgegate status --json`, parsed (`Null` when it cannot be read: the gateway may be
+    /// between states).
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
     pub fn buffer_stats(&self) -> serde_json::Value {
         let out = self.cli(&["buffer", "stats", "--json"]);
         assert!(
@@ -1439,5 +1446,160 @@ impl Drop for PtyPair {
         if let Some(mut c) = self.child.take() {
             kill_and_reap(&mut c);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small filesystems (full-disk and read-only tests; need root)
+
+/// A tmpfs mounted for one test, unmounted on drop (declare it before the gateway, so the
+/// gateway is killed first).
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `4m`) at `path`; `Err` carries why not (not root, no
+    /// mount permission in a container).
+    pub fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
+        fs::create_dir_all(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let out = run_with_timeout(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(path),
+            Duration::from_secs(10),
+        );
+        if out.status.success() {
+            Ok(Tmpfs {
+                path: path.to_path_buf(),
+            })
+        } else {
+            Err(output_text(&out))
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a process that still holds a file there must not leave the mount behind.
+        let _ = run_with_timeout(
+            Command::new("umount").arg("-l").arg(&self.path),
+            Duration::from_secs(10),
+        );
+    }
+}
+
+/// Fills `path` with `bytes` of real data (tmpfs has no holes to cheat with).
+pub fn write_filler(path: &Path, bytes: usize) {
+    let mut f = fs::File::create(path).expect("creating the filler file");
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        if let Err(e) = f.write_all(&chunk[..n]) {
+            panic!("writing the filler file: {e}");
+        }
+        left -= n;
+    }
+    f.sync_all().expect("syncing the filler file");
+}
+
+/// Fills the filesystem holding `path` completely: writes `path` until ENOSPC (tmpfs has no holes
+/// to cheat with). Returns the bytes written.
+pub fn fill_up(path: &Path) -> u64 {
+    let mut f = fs::File::create(path).expect("creating the filler file");
+    let chunk = vec![0x5au8; 4096];
+    let mut written = 0u64;
+    // Bounded: a filesystem of a test is at most a few hundred MiB.
+    for _ in 0..(1 << 18) {
+        match f.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n as u64,
+        }
+    }
+    let _ = f.sync_all();
+    written
+}
+
+/// A small ext4 filesystem on a loop device, mounted with `errors=remount-ro`: an ext4 error
+/// (injected through `/sys/fs/ext4/<dev>/trigger_fs_error`) turns it read-only underneath
+/// open files, exactly as an SD card that fails does. Unmounted and detached on drop.
+pub struct Ext4Loop {
+    pub path: PathBuf,
+    dev: String,
+    _img: TempDir,
+}
+
+impl Ext4Loop {
+    /// `Err` carries why not (not root, no loop devices, no ext4).
+    pub fn mount(path: &Path, mib: u64) -> Result<Ext4Loop, String> {
+        let img_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let img = img_dir.path().join("card.img");
+        let f = fs::File::create(&img).map_err(|e| e.to_string())?;
+        f.set_len(mib << 20).map_err(|e| e.to_string())?;
+        drop(f);
+        let out = run_with_timeout(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0"])
+                .arg(&img),
+            Duration::from_secs(30),
+        );
+        if !out.status.success() {
+            return Err(format!("mkfs.ext4: {}", output_text(&out)));
+        }
+        let out = run_with_timeout(
+            Command::new("losetup").args(["-f", "--show"]).arg(&img),
+            Duration::from_secs(10),
+        );
+        if !out.status.success() {
+            return Err(format!("losetup: {}", output_text(&out)));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let out = run_with_timeout(
+            Command::new("mount")
+                .args(["-t", "ext4", "-o", "errors=remount-ro"])
+                .arg(&dev)
+                .arg(path),
+            Duration::from_secs(10),
+        );
+        if !out.status.success() {
+            let _ = run_with_timeout(
+                Command::new("losetup").args(["-d", &dev]),
+                Duration::from_secs(10),
+            );
+            return Err(format!("mount: {}", output_text(&out)));
+        }
+        Ok(Ext4Loop {
+            path: path.to_path_buf(),
+            dev,
+            _img: img_dir,
+        })
+    }
+
+    /// Injects an ext4 error: the kernel remounts the filesystem read-only at once.
+    pub fn fail_to_read_only(&self) -> Result<(), String> {
+        let name = Path::new(&self.dev)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        fs::write(
+            format!("/sys/fs/ext4/{name}/trigger_fs_error"),
+            "edgegate test\n",
+        )
+        .map_err(|e| format!("trigger_fs_error: {e}"))
+    }
+}
+
+impl Drop for Ext4Loop {
+    fn drop(&mut self) {
+        let _ = run_with_timeout(
+            Command::new("umount").arg("-l").arg(&self.path),
+            Duration::from_secs(10),
+        );
+        let _ = run_with_timeout(
+            Command::new("losetup").args(["-d", &self.dev]),
+            Duration::from_secs(10),
+        );
     }
 }
