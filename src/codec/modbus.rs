@@ -1027,11 +1027,13 @@ pub fn decode(regs: &[u16], ty: ValueType, order: Order) -> Result<Raw, ValueErr
         ValueType::I32 => Raw::Signed(i64::from(u as u32 as i32)),
         ValueType::I64 => Raw::Signed(u as i64),
         ValueType::F32 => {
-            let f = f64::from(f32::from_bits(u as u32));
+            let f = f32::from_bits(u as u32);
             if !f.is_finite() {
                 return Err(ValueError::NotFinite);
             }
-            Raw::Float(f)
+            // The f32's shortest decimal form (230.1, not 230.10000610351562): what the device
+            // meant, and what a person reading the payload expects.
+            Raw::Float(f.to_string().parse().unwrap_or(f64::from(f)))
         }
         ValueType::F64 => {
             let f = f64::from_bits(u);
@@ -1060,7 +1062,24 @@ pub fn scale(raw: Raw, scale: f64, offset: f64) -> Result<Value, ValueError> {
     if !out.is_finite() {
         return Err(ValueError::NotFinite);
     }
-    Ok(Value::Float(out))
+    Ok(Value::Float(round_significant(out, 12)))
+}
+
+/// Rounds to `digits` significant digits: `2301 × 0.1` is 230.10000000000002 in binary
+/// floating point; the reading is 230.1.
+fn round_significant(x: f64, digits: i32) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let magnitude = x.abs().log10().floor() as i32;
+    let decimals = (digits - 1 - magnitude).clamp(-300, 300);
+    let factor = 10f64.powi(decimals);
+    let r = (x * factor).round() / factor;
+    if r.is_finite() {
+        r
+    } else {
+        x
+    }
 }
 
 /// A commanded value → the registers to write: `(value − offset) / scale`, rounded to the
@@ -1609,6 +1628,8 @@ mod tests {
 
     /// 0x12345678 as u32 / 0x40490FDB as f32 (π) in each order.
     #[test]
+    // 3.1415927 is the f32 π's shortest decimal form, deliberately not f64's π.
+    #[allow(clippy::approx_constant)]
     fn every_order_of_a_32_bit_value_decodes_to_the_same_number() {
         let cases = [
             (Order::Abcd, [0x1234, 0x5678], [0x4049, 0x0FDB]),
@@ -1622,10 +1643,11 @@ mod tests {
                 Ok(Raw::Unsigned(0x1234_5678)),
                 "{order:?}"
             );
-            let Ok(Raw::Float(pi)) = decode(&f, ValueType::F32, order) else {
-                panic!("{order:?}")
-            };
-            assert!((pi - std::f64::consts::PI).abs() < 1e-6, "{order:?}: {pi}");
+            assert_eq!(
+                decode(&f, ValueType::F32, order),
+                Ok(Raw::Float(3.1415927)),
+                "{order:?}: f32 π in its shortest decimal form"
+            );
         }
     }
 
@@ -1744,12 +1766,11 @@ mod tests {
         );
         assert_eq!(
             scale(Raw::Unsigned(2301), 0.1, 0.0),
-            Ok(Value::Float(2301.0 * 0.1))
+            Ok(Value::Float(230.1))
         );
-        assert_eq!(
-            scale(Raw::Signed(-400), 0.1, 40.0),
-            Ok(Value::Float(-400.0 * 0.1 + 40.0))
-        );
+        assert_eq!(scale(Raw::Signed(-405), 0.1, 40.0), Ok(Value::Float(-0.5)));
+        assert_eq!(scale(Raw::Unsigned(7), 0.001, 0.0), Ok(Value::Float(0.007)));
+        assert_eq!(scale(Raw::Float(1e-20), 3.0, 0.0), Ok(Value::Float(3e-20)));
         assert_eq!(scale(Raw::Bool(true), 10.0, 1.0), Ok(Value::Bool(true)));
     }
 
@@ -1850,7 +1871,8 @@ mod tests {
                 other => panic!("{other:?}"),
             };
             if ty == ValueType::F32 {
-                prop_assert_eq!(back, f64::from(v as f32));
+                // The same f32 (published in its shortest decimal form).
+                prop_assert_eq!(back as f32, v as f32);
             } else {
                 prop_assert_eq!(back, v);
             }
