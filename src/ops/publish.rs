@@ -119,6 +119,18 @@ pub fn discovery_messages(cfg: &Config) -> Vec<(String, Bytes)> {
             push("sensor", &object, m);
         }
     }
+    // Modbus points and listed 1-Wire probes (sources::modbus::ha_entities).
+    for e in crate::sources::modbus::ha_entities(cfg) {
+        let mut m = common(&e.name, &sanitize(&e.object));
+        m.extend(e.fields);
+        if let Some(unit) = &e.unit {
+            m.insert("unit_of_measurement".into(), json!(unit));
+            if let Some(class) = device_class(unit) {
+                m.insert("device_class".into(), json!(class));
+            }
+        }
+        push(e.component, &e.object, m);
+    }
     // The gateway's own backlog, from the stats message.
     let mut m = common(&format!("{gw} backlog"), "backlog");
     m.insert("state_topic".into(), json!(stats_topic(cfg)));

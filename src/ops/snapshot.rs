@@ -207,7 +207,7 @@ impl Telemetry {
         let reg = registry();
         let mut messages_in = BTreeMap::new();
         messages_in.insert("mqtt".to_string(), self.mqtt_in());
-        for source in ["gpio", "serial"] {
+        for source in ["gpio", "serial", "modbus", "onewire"] {
             messages_in.insert(
                 source.to_string(),
                 reg.sum("messages_in_total", Some(("source", source))),
@@ -686,6 +686,15 @@ impl Snapshot {
                 "serial_port_errors_total" => "Serial port open failures and losses.",
                 "gpio_events_total" => "Debounced GPIO input edges.",
                 "gpio_commands_total" => "GPIO output commands by result.",
+                // Modbus and 1-Wire (sources::modbus, sources::onewire).
+                "modbus_requests_total" => {
+                    "Modbus requests by bus, slave and result (ok, timeout, crc, an exception's name, …)."
+                }
+                "modbus_polls_total" => "Modbus polls per slave.",
+                "modbus_point_errors_total" => "Modbus point values not published, by reason.",
+                "modbus_commands_total" => "Modbus write commands by result (ok, refused, failed, bus_down).",
+                "modbus_bus_errors_total" => "Modbus port open failures and losses.",
+                "onewire_readings_total" => "1-Wire probe reads by result (ok or the reason refused).",
                 _ => "Event counter.",
             };
             metric(name, "counter", help, &samples);
