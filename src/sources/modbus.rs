@@ -721,13 +721,15 @@ impl Bus {
         cancel: &CancellationToken,
     ) -> bool {
         let until = Instant::now() + d;
+        // A bus without writable points has a closed command channel: then only sleep.
+        let mut open = !commands.is_closed();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return true,
                 _ = sleep_until(until) => return false,
-                c = commands.recv() => match c {
+                c = commands.recv(), if open => match c {
                     Some((topic, payload)) => self.refuse(&topic, &payload, "bus_down", "the bus is down (port closed or unreachable)").await,
-                    None => { cancel.cancelled().await; return true; }
+                    None => open = false,
                 }
             }
         }
