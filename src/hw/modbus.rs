@@ -58,7 +58,7 @@ struct SimPoint {
     offset: f64,
     count: u16,
     value: SimValue,
-    /// Written by a command: keeps what was written instead of wandering.
+    /// Writable, or written by a command: keeps its value instead of wandering.
     written: bool,
 }
 
@@ -229,7 +229,8 @@ fn sim_point(p: &ModbusPointConfig, order: mb::Order) -> Option<SimPoint> {
         offset: p.offset,
         count: p.span_count(),
         value,
-        written: false,
+        // A set point holds its value (no jitter) until a command changes it.
+        written: p.writable,
     })
 }
 
