@@ -636,3 +636,36 @@ fn the_rtu_port_is_reopened_after_an_unplug_and_polling_resumes() {
         gw.log()
     );
 }
+
+#[test]
+fn check_config_explains_a_bad_register_map_with_file_and_line_and_exits_78() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("edgegate.yaml");
+    std::fs::write(
+        &file,
+        "gateway: {id: t}\nmodbus:\n  buses:\n    - name: line\n      path: /dev/ttyUSB0\n      slaves:\n        - name: meter\n          unit: 248\n          points:\n            - {name: v, function: input_register, address: 0, type: f32}\n            - {name: a, function: input_register, address: 1}\n            - name: sp\n              function: input_register\n              address: 10\n              writable: true\n            - {name: s, function: holding_register, address: 20, type: string, scale: 2}\n",
+    )
+    .expect("write");
+    let out = run_bin(
+        dir.path(),
+        &["check-config", &file.display().to_string()],
+        Duration::from_secs(20),
+    );
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    let f = file.display();
+    for (line, field, says) in [
+        (8, "slaves[0].unit", "unit ids are 1 to 247"),
+        (11, "slaves[0].points[1].address", "overlaps point `v`"),
+        (15, "slaves[0].points[2].writable", "read-only in Modbus"),
+        (16, "slaves[0].points[3].count", "a string needs `count`"),
+        (16, "slaves[0].points[3].scale", "a string is not scaled"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{f}:{line}:"))
+                && l.contains(&format!("modbus.buses[0].{field}"))
+                && l.contains(says)),
+            "no `{f}:{line}: …{field}: …{says}` in:\n{text}"
+        );
+    }
+}

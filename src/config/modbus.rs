@@ -823,7 +823,7 @@ pub(super) fn check(cfg: &Config) -> Vec<Problem> {
                     if !table.is_writable() {
                         add(
                             format!("{f}.writable"),
-                            format!("a {} is read-only in Modbus; only coils and holding registers can be written", table.name()),
+                            format!("{} points are read-only in Modbus; only coils and holding registers can be written", table.name()),
                         );
                     }
                     if ty == ValueType::String {
