@@ -1430,6 +1430,52 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn on_change_publishes_the_first_value_each_change_and_a_repeat_after_max_silence() {
+        let cfg: Config = serde_yaml::from_str(
+            "gateway: {id: t}\nmodbus:\n  buses:\n    - name: line\n      sim: {}\n      slaves:\n        - {name: s, unit: 1, interval: 1s, timeout: 100ms, points: [{name: a, function: holding_register, address: 0, on_change: true, max_silence: 3s}]}\n",
+        )
+        .expect("config");
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let mut polls = 0u16;
+        // 5 for the polls at 0-3 s, 6 from 4 s on.
+        tokio::spawn(device(
+            theirs,
+            move |u, r| {
+                polls += 1;
+                Some(regs_reply(u, r, if polls <= 4 { 5 } else { 6 }))
+            },
+            Arc::default(),
+            Duration::from_millis(2),
+        ));
+        let (out_tx, mut out_rx) = mpsc::channel(64);
+        let clock: Arc<dyn Clock> = Arc::new(crate::hw::clock::FixedClock::default());
+        let mut bus = Bus::new(cfg.modbus.buses[0].clone(), out_tx, clock);
+        let mut link = Link::Rtu(Rtu::new(
+            Box::new(ours),
+            19200,
+            Duration::ZERO,
+            Arc::default(),
+        ));
+        let (_cmd_tx, mut cmd_rx) = mpsc::channel(1);
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let mut queue = VecDeque::new();
+        let serve = bus.serve(&mut link, &mut cmd_rx, &mut queue, &cancel);
+        let stopper = async {
+            tokio::time::sleep(Duration::from_millis(9500)).await;
+            stop.cancel();
+        };
+        tokio::join!(serve, stopper);
+        let mut got = Vec::new();
+        while let Ok(r) = out_rx.try_recv() {
+            let doc: Json = serde_json::from_slice(&r.payload).expect("json");
+            got.push(doc["value"].clone());
+        }
+        // 10 polls (0-9 s): the first 5, the change to 6 at 4 s, the repeat at 7 s.
+        assert_eq!(got, vec![json!(5), json!(6), json!(6)]);
+    }
+
     fn point_state(yaml: &str) -> PointState {
         let p: ModbusPointConfig = serde_yaml::from_str(yaml).expect("point");
         PointState {
