@@ -694,6 +694,8 @@ impl Snapshot {
                 "modbus_point_errors_total" => "Modbus point values not published, by reason.",
                 "modbus_commands_total" => "Modbus write commands by result (ok, refused, failed, bus_down).",
                 "modbus_bus_errors_total" => "Modbus port open failures and losses.",
+                "modbus_line_frames_total" => "Modbus frames sent and received per bus.",
+                "modbus_line_bytes_total" => "Modbus bytes per bus and direction (out, in).",
                 "onewire_readings_total" => "1-Wire probe reads by result (ok or the reason refused).",
                 _ => "Event counter.",
             };

@@ -90,12 +90,33 @@ impl Fault {
     }
 }
 
-/// Line traffic of one bus, for the benchmark's line-time figure.
+/// Line traffic of one bus (`modbus_line_frames_total{bus}`,
+/// `modbus_line_bytes_total{bus,direction}`): from these the benchmark computes how long the
+/// same exchange takes on a real line (bytes × 11 bits / baud + a t3.5 silence per frame).
+/// `Default` makes unregistered counters (unit tests).
 #[derive(Debug, Default)]
 pub struct LineCounters {
-    pub frames: AtomicU64,
-    pub bytes_out: AtomicU64,
-    pub bytes_in: AtomicU64,
+    pub frames: Arc<AtomicU64>,
+    pub bytes_out: Arc<AtomicU64>,
+    pub bytes_in: Arc<AtomicU64>,
+}
+
+impl LineCounters {
+    /// The bus's counters in the registry (/metrics).
+    pub fn registered(bus: &str) -> LineCounters {
+        let r = registry();
+        LineCounters {
+            frames: r.counter("modbus_line_frames_total", &[("bus", bus)]),
+            bytes_out: r.counter(
+                "modbus_line_bytes_total",
+                &[("bus", bus), ("direction", "out")],
+            ),
+            bytes_in: r.counter(
+                "modbus_line_bytes_total",
+                &[("bus", bus), ("direction", "in")],
+            ),
+        }
+    }
 }
 
 // ─── RTU ──────────────────────────────────────────────────────────────────────────────────────────
@@ -625,13 +646,14 @@ impl Bus {
                 }
             })
             .collect();
+        let line = Arc::new(LineCounters::registered(&cfg.name));
         Bus {
             cfg,
             slaves,
             commands,
             out,
             clock,
-            line: Arc::new(LineCounters::default()),
+            line,
         }
     }
 
