@@ -214,6 +214,18 @@ fn configured_sensors(cfg: &Config) -> Vec<(&'static str, String)> {
         .iter()
         .map(|i| ("gpio", i.name.clone()))
         .chain(cfg.serial.ports.iter().map(|p| ("serial", p.name.clone())))
+        // Modbus slaves and listed 1-Wire probes (sources::modbus, sources::onewire).
+        .chain(cfg.modbus.buses.iter().flat_map(|b| {
+            b.slaves
+                .iter()
+                .map(move |s| ("modbus", format!("{}/{}", b.name, s.name)))
+        }))
+        .chain(
+            cfg.onewire
+                .sensors
+                .iter()
+                .map(|s| ("onewire", s.name().to_string())),
+        )
         .collect()
 }
 
@@ -641,8 +653,11 @@ async fn reload(
             .and_then(|u| u.password.resolved.as_ref().map(|s| s.expose().to_string()))
     };
     let uplink_changed = !same(&new.uplink, &old.uplink) || password(&new) != password(old);
-    let hardware_changed =
-        uplink_changed || !same(&new.gpio, &old.gpio) || !same(&new.serial, &old.serial);
+    let hardware_changed = uplink_changed
+        || !same(&new.gpio, &old.gpio)
+        || !same(&new.serial, &old.serial)
+        || !same(&new.modbus, &old.modbus)
+        || !same(&new.onewire, &old.onewire);
     let deadline = tokio::time::Instant::now() + old.gateway.shutdown_timeout.get();
     sh.generation += 1;
     if hardware_changed {
@@ -677,6 +692,8 @@ async fn reload(
                 })?;
                 new.gpio = old.gpio.clone();
                 new.serial = old.serial.clone();
+                new.modbus = old.modbus.clone();
+                new.onewire = old.onewire.clone();
             }
         }
     }

@@ -24,6 +24,13 @@ if ! python3 -c "import paho.mqtt" >/dev/null 2>&1; then
   python3 -m pip install -q "paho-mqtt>=2,<3" \
     || python3 -m pip install -q --break-system-packages "paho-mqtt>=2,<3"
 fi
+# pymodbus (PyPI): a Modbus slave that is not our code, over RTU (pseudo-terminals) and TCP, for
+# tests/modbus.rs (tests/interop/modbus_slave.py). The version the tests were written against.
+if ! python3 -c "import pymodbus, serial" >/dev/null 2>&1; then
+  echo "== installing pymodbus (pip)"
+  python3 -m pip install -q "pymodbus==3.16.1" pyserial \
+    || python3 -m pip install -q --break-system-packages "pymodbus==3.16.1" pyserial
+fi
 for comp in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$comp"; then
     rustup component add "$comp"

@@ -6,11 +6,16 @@
 //! - [`nmea`]: NMEA 0183 sentences (checksum verified; GGA and RMC),
 //! - [`command`]: a GPIO output command payload → on/off,
 //! - [`time`]: RFC 3339 UTC timestamps with milliseconds,
-//! - [`payload`]: the JSON documents the gateway publishes for readings.
+//! - [`payload`]: the JSON documents the gateway publishes for readings,
+//! - [`modbus`]: Modbus RTU and TCP framing, CRC, requests and responses, request planning,
+//!   register values in every byte/word order, RTU line timing,
+//! - [`w1`]: the Linux w1_therm driver's `w1_slave` file (DS18B20), CRC-8 checked.
 
 pub mod command;
 pub mod format;
 pub mod frame;
+pub mod modbus;
 pub mod nmea;
 pub mod payload;
 pub mod time;
+pub mod w1;

@@ -6,11 +6,13 @@
 //! - `load`: read + parse (errors carry file, line, column and field path) + resolve secrets,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
-//! - `topic`: MQTT topic/filter rules shared by validation and the data path.
+//! - `topic`: MQTT topic/filter rules shared by validation and the data path,
+//! - `modbus`: the `modbus:` and `onewire:` sections and their checks.
 //!
 //! The YAML crate is used only inside `load` (and tests), so it can be swapped.
 
 mod load;
+pub mod modbus;
 pub mod topic;
 mod types;
 mod units;

@@ -32,6 +32,14 @@ pub struct Config {
     /// Serial sensors (see `SerialConfig`).
     #[serde(default)]
     pub serial: SerialConfig,
+    // ─── Modbus and 1-Wire (config/modbus.rs) ───
+    /// Modbus RTU lines and Modbus TCP endpoints (see `ModbusConfig`).
+    #[serde(default)]
+    pub modbus: super::modbus::ModbusConfig,
+    /// DS18B20 probes through the kernel's w1 driver (see `OnewireConfig`).
+    #[serde(default)]
+    pub onewire: super::modbus::OnewireConfig,
+    // ─── end Modbus and 1-Wire ───
     /// `edgegate status` socket and the periodic stats message (see `StatusConfig`).
     #[serde(default)]
     pub status: StatusConfig,

@@ -33,6 +33,7 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
         check_uplink(uplink, &cfg.gateway.id, &mut p);
     }
     check_hardware(cfg, &mut p);
+    p.0.extend(super::modbus::check(cfg));
     check_ops(cfg, &mut p);
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cfg.log.level) {
         p.add(

@@ -7,6 +7,7 @@
 //!   in 2025) and `sim` (pins in memory, driven by tests or a scripted waveform),
 //! - [`serial`]: a port is `AsyncRead + AsyncWrite`, opened from its settings: tokio-serial for a
 //!   device path, an in-memory simulated device for `sim`,
+//! - [`modbus`]: Modbus RTU lines (tokio-serial) and an in-process simulated RTU slave,
 //! - [`clock`]: wall-clock time for reading timestamps.
 
 pub mod clock;
@@ -14,6 +15,7 @@ pub mod gpio;
 mod gpio_cdev;
 mod gpio_rppal;
 pub mod gpio_sim;
+pub mod modbus;
 pub mod serial;
 
 #[derive(Debug, thiserror::Error)]

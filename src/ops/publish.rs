@@ -119,6 +119,18 @@ pub fn discovery_messages(cfg: &Config) -> Vec<(String, Bytes)> {
             push("sensor", &object, m);
         }
     }
+    // Modbus points and listed 1-Wire probes (sources::modbus::ha_entities).
+    for e in crate::sources::modbus::ha_entities(cfg) {
+        let mut m = common(&e.name, &sanitize(&e.object));
+        m.extend(e.fields);
+        if let Some(unit) = &e.unit {
+            m.insert("unit_of_measurement".into(), json!(unit));
+            if let Some(class) = device_class(unit) {
+                m.insert("device_class".into(), json!(class));
+            }
+        }
+        push(e.component, &e.object, m);
+    }
     // The gateway's own backlog, from the stats message.
     let mut m = common(&format!("{gw} backlog"), "backlog");
     m.insert("state_topic".into(), json!(stats_topic(cfg)));
@@ -203,5 +215,45 @@ mod tests {
         );
         let up = find(&msgs, "homeassistant/binary_sensor/pi_one/uplink/config");
         assert_eq!(up["state_topic"], "edgegate/pi.one/status/stats");
+    }
+
+    #[test]
+    fn modbus_points_and_listed_probes_are_announced_by_type_and_writability() {
+        let msgs = discovery_messages(&cfg(
+            "modbus:\n  buses:\n    - name: rs485\n      sim: {}\n      slaves:\n        - name: meter\n          unit: 1\n          points:\n            - {name: voltage, function: input_register, address: 0, type: f32, unit: V}\n            - {name: alarm, function: discrete_input, address: 0}\n            - {name: relay, function: coil, address: 0, writable: true}\n            - {name: limit, function: holding_register, address: 0, scale: 0.1, writable: true, min: 0, max: 32}\n        - name: env\n          unit: 2\n          publish: per_slave\n          points: [{name: hum, function: input_register, address: 0, unit: \"%\"}]\n\
+             onewire:\n  root: /tmp/w1-fake\n  sensors: [{id: 28-00000a1b2c3d, name: tank}]\n",
+        ));
+        let v = find(
+            &msgs,
+            "homeassistant/sensor/pi_one/rs485_meter_voltage/config",
+        );
+        assert_eq!(v["state_topic"], "sensors/rs485/meter/voltage");
+        assert_eq!(v["unit_of_measurement"], "V");
+        assert_eq!(v["device_class"], "voltage");
+        assert_eq!(v["value_template"], "{{ value_json.value }}");
+        let alarm = find(
+            &msgs,
+            "homeassistant/binary_sensor/pi_one/rs485_meter_alarm/config",
+        );
+        assert_eq!(alarm["payload_on"], true);
+        let relay = find(
+            &msgs,
+            "homeassistant/switch/pi_one/rs485_meter_relay/config",
+        );
+        assert_eq!(relay["command_topic"], "cmd/rs485/meter/relay");
+        assert_eq!(relay["state_on"], true);
+        let limit = find(
+            &msgs,
+            "homeassistant/number/pi_one/rs485_meter_limit/config",
+        );
+        assert_eq!(limit["command_topic"], "cmd/rs485/meter/limit");
+        assert_eq!(limit["max"], 32.0);
+        assert_eq!(limit["step"], 0.1);
+        let hum = find(&msgs, "homeassistant/sensor/pi_one/rs485_env_hum/config");
+        assert_eq!(hum["state_topic"], "sensors/rs485/env");
+        assert_eq!(hum["value_template"], "{{ value_json['hum'] }}");
+        let tank = find(&msgs, "homeassistant/sensor/pi_one/w1_tank/config");
+        assert_eq!(tank["state_topic"], "sensors/w1/tank");
+        assert_eq!(tank["device_class"], "temperature");
     }
 }

@@ -42,12 +42,13 @@ impl Sensor {
         }
     }
 
-    fn read(&self, now_ms: i64) {
+    /// A reading at `now_ms` (public for the Modbus and 1-Wire sources' own event structs).
+    pub fn read(&self, now_ms: i64) {
         self.readings.fetch_add(1, Ordering::Relaxed);
         self.last_reading_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    fn error(&self, reason: &'static str) {
+    pub fn error(&self, reason: &'static str) {
         *self
             .errors
             .lock()

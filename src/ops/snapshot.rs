@@ -233,7 +233,7 @@ impl Telemetry {
         let reg = registry();
         let mut messages_in = BTreeMap::new();
         messages_in.insert("mqtt".to_string(), self.mqtt_in());
-        for source in ["gpio", "serial"] {
+        for source in ["gpio", "serial", "modbus", "onewire"] {
             messages_in.insert(
                 source.to_string(),
                 reg.sum("messages_in_total", Some(("source", source))),
@@ -806,6 +806,17 @@ impl Snapshot {
                 "serial_port_errors_total" => "Serial port open failures and losses.",
                 "gpio_events_total" => "Debounced GPIO input edges.",
                 "gpio_commands_total" => "GPIO output commands by result.",
+                // Modbus and 1-Wire (sources::modbus, sources::onewire).
+                "modbus_requests_total" => {
+                    "Modbus requests by bus, slave and result (ok, timeout, crc, an exception's name, …)."
+                }
+                "modbus_polls_total" => "Modbus polls per slave.",
+                "modbus_point_errors_total" => "Modbus point values not published, by reason.",
+                "modbus_commands_total" => "Modbus write commands by result (ok, refused, failed, bus_down).",
+                "modbus_bus_errors_total" => "Modbus port open failures and losses.",
+                "modbus_line_frames_total" => "Modbus frames sent and received per bus.",
+                "modbus_line_bytes_total" => "Modbus bytes per bus and direction (out, in).",
+                "onewire_readings_total" => "1-Wire probe reads by result (ok or the reason refused).",
                 _ => "Event counter.",
             };
             metric(name, "counter", help, &samples);

@@ -214,7 +214,11 @@ pub struct Hardware {
 impl Hardware {
     /// `None` when nothing is configured. Opens the GPIO backend and every line.
     pub fn open(cfg: &Config) -> Result<Option<Hardware>, HardwareError> {
-        if cfg.gpio.is_empty() && cfg.serial.ports.is_empty() {
+        if cfg.gpio.is_empty()
+            && cfg.serial.ports.is_empty()
+            && cfg.modbus.is_empty()
+            && cfg.onewire.is_empty()
+        {
             return Ok(None);
         }
         let mut inputs = Vec::new();
@@ -270,7 +274,10 @@ impl Hardware {
 
     /// The local topics the outputs obey.
     pub fn command_topics(&self) -> Vec<String> {
-        self.outputs.iter().map(|o| o.cfg.command_topic()).collect()
+        let mut topics: Vec<String> = self.outputs.iter().map(|o| o.cfg.command_topic()).collect();
+        // Modbus writable points (sources::modbus).
+        topics.extend(super::modbus::command_topics(&self.cfg.modbus));
+        topics
     }
 
     /// Runs until `cancel`, then shuts down in order (see the module doc). `store` and `uplink`
@@ -292,7 +299,13 @@ impl Hardware {
         }
         let (readings_tx, readings_rx) = mpsc::channel::<Reading>(READINGS_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel::<(Reading, bool)>(READINGS_CAPACITY);
-        let (commands_tx, commands_rx) = mpsc::channel::<(String, Bytes)>(64);
+        let (commands_tx, commands_rx) = mpsc::channel::<(String, Bytes, bool)>(64);
+        // ─── Modbus and 1-Wire (sources::modbus, sources::onewire) ───
+        // Modbus command topics go to their bus (retained ones dropped), the rest to the GPIO
+        // outputs as before.
+        let (commands_rx, mut modbus_commands) =
+            super::modbus::route_commands(commands_rx, &self.cfg.modbus);
+        // ─── end Modbus and 1-Wire ───
 
         let mut link_task = tokio::spawn(drive_link(link_tx, link_rx, publish_rx, commands_tx));
         let emitter = tokio::spawn(emit(
@@ -330,6 +343,23 @@ impl Hardware {
                 sources.clone(),
             ));
         }
+        // ─── Modbus and 1-Wire ───
+        for bus in &self.cfg.modbus.buses {
+            let commands = modbus_commands
+                .remove(&bus.name)
+                .unwrap_or_else(|| mpsc::channel(1).1);
+            let b = super::modbus::Bus::new(bus.clone(), readings_tx.clone(), clock.clone());
+            tasks.spawn(b.run(commands, sources.clone()));
+        }
+        if !self.cfg.onewire.is_empty() {
+            tasks.spawn(super::onewire::run(
+                self.cfg.onewire.clone(),
+                readings_tx.clone(),
+                clock.clone(),
+                sources.clone(),
+            ));
+        }
+        // ─── end Modbus and 1-Wire ───
         if !self.outputs.is_empty() {
             tasks.spawn(gpio::run_outputs(
                 self.outputs,
@@ -463,7 +493,7 @@ async fn drive_link(
     mut tx: LinkTx,
     mut rx: LinkRx,
     mut publish: mpsc::Receiver<(Reading, bool)>,
-    commands: mpsc::Sender<(String, Bytes)>,
+    commands: mpsc::Sender<(String, Bytes, bool)>,
 ) -> Result<(), HardwareError> {
     loop {
         tokio::select! {
@@ -483,7 +513,9 @@ async fn drive_link(
                     let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
                     // Commands beyond 64 waiting are dropped: an actuator flooded with commands
                     // is better off taking the latest ones later than queueing without bound.
-                    if commands.try_send((topic, f.publish.payload)).is_err() {
+                    // The retain flag: a retained Modbus command is never written (see
+                    // sources::modbus::route_commands).
+                    if commands.try_send((topic, f.publish.payload, f.publish.retain)).is_err() {
                         tracing::warn!("GPIO output commands arrive faster than they are applied; one was dropped");
                     }
                 }
