@@ -191,7 +191,9 @@ fn run_v4(
                 _ => {}
             }
         }
-        if let Ok(client) = sender.await {
+        // A held device's sender may be blocked on the full request channel: give it a
+        // moment, then let dropping the event loop end it.
+        if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_millis(500), sender).await {
             let _ = client.disconnect().await;
             let _ = tokio::time::timeout(Duration::from_millis(300), async {
                 while ev.poll().await.is_ok() {}
@@ -281,7 +283,9 @@ fn run_v5(
                 _ => {}
             }
         }
-        if let Ok(client) = sender.await {
+        // A held device's sender may be blocked on the full request channel: give it a
+        // moment, then let dropping the event loop end it.
+        if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_millis(500), sender).await {
             let _ = client.disconnect().await;
             let _ = tokio::time::timeout(Duration::from_millis(300), async {
                 while ev.poll().await.is_ok() {}

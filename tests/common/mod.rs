@@ -1097,7 +1097,9 @@ pub fn publish_each(
                 _ => {}
             }
         }
-        if let Ok(client) = sender.await {
+        // A held publisher's sender may be blocked on the full request channel: give it a
+        // moment, then let dropping the event loop end it.
+        if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_millis(500), sender).await {
             let _ = client.disconnect().await;
             // Let the DISCONNECT go out so the broker does not see an abrupt close.
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
