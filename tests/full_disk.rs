@@ -517,7 +517,6 @@ fn on_a_full_disk_an_mqtt_5_device_gets_puback_0x97_and_every_success_is_stored(
 /// (the store gives back its reserve), the backlog drains, and a held device's messages are
 /// taken afterwards, while the other file stays.
 #[test]
-#[ignore = "flaky: in the full parallel suite the held MQTT 3.1.1 messages were not all taken within 120 s after the drain (passes alone); under investigation, run with --ignored"]
 fn a_disk_another_file_filled_to_the_last_byte_still_drains_and_then_takes_new_messages() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let store_dir = tmp.path().join("store");
@@ -671,7 +670,6 @@ fn a_restart_on_a_full_disk_sends_again_only_what_the_duplicate_bound_allows() {
 /// are refused (MQTT 5: 0x97) or held (3.1.1), the gateway stays up and says why, what was
 /// stored before keeps forwarding, and nothing acknowledged is missing.
 #[test]
-#[ignore = "not finished: on this kernel (ext4 error remount, Linux >= 6.9) the test does not end within 150 s; the read-only admission is covered by a_read_only_filesystem_admits_nothing in src/store/space.rs; run with --ignored"]
 fn a_store_remounted_read_only_refuses_new_messages_and_keeps_forwarding_what_it_holds() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let store_dir = tmp.path().join("card");

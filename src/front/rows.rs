@@ -66,9 +66,6 @@ pub(super) struct Rows<'a> {
     blocked: Option<Refusal>,
     /// Held messages counted in `counters.messages_held`.
     held_counted: usize,
-    /// Most rows one offer carries: 1 after a refusal, doubled by every offer stored whole
-    /// (a store that has just reopened may take a row but not a device's whole window).
-    offer_cap: usize,
 }
 
 impl<'a> Rows<'a> {
@@ -84,7 +81,6 @@ impl<'a> Rows<'a> {
             verdicts: VecDeque::new(),
             blocked: None,
             held_counted: 0,
-            offer_cap: usize::MAX,
         }
     }
 
@@ -108,19 +104,8 @@ impl<'a> Rows<'a> {
         if self.unoffered.is_empty() || self.inflight.is_some() || self.blocked.is_some() {
             return;
         }
-        let (rows, qos) = if self.unoffered.len() > self.offer_cap {
-            let rest = self.unoffered.split_off(self.offer_cap);
-            let rest_qos = self.unoffered_qos.split_off(self.offer_cap);
-            (
-                std::mem::replace(&mut self.unoffered, rest),
-                std::mem::replace(&mut self.unoffered_qos, rest_qos),
-            )
-        } else {
-            (
-                std::mem::take(&mut self.unoffered),
-                std::mem::take(&mut self.unoffered_qos),
-            )
-        };
+        let rows = std::mem::take(&mut self.unoffered);
+        let qos = std::mem::take(&mut self.unoffered_qos);
         if qos.iter().all(|&q| q == 0) {
             // Refused QoS 0 rows are counted by the store itself.
             drop(self.store.append(rows, Durability::Linger));
@@ -177,11 +162,21 @@ impl<'a> Rows<'a> {
             }
         }
         let Some(refused) = out.refused else {
-            self.offer_cap = self.offer_cap.saturating_mul(2);
             return Ok(());
         };
-        self.offer_cap = 1;
         let reason = refused.reason;
+        if out.stored > 0 && !reason.is_permanent() {
+            // The store took a first part (the rest did not fit yet): offer the rest again at
+            // once, ahead of what was read since; only a refusal of everything holds.
+            let rest_qos = qos[out.stored.min(qos.len())..].to_vec();
+            let mut rows = refused.rows;
+            rows.append(&mut self.unoffered);
+            self.unoffered = rows;
+            let mut q = rest_qos;
+            q.append(&mut self.unoffered_qos);
+            self.unoffered_qos = q;
+            return Ok(());
+        }
         let mut dropped = 0u64;
         let mut keep = Vec::new();
         let mut keep_qos = Vec::new();

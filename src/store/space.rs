@@ -198,62 +198,107 @@ impl Space {
         r
     }
 
-    /// Whether a transaction adding rows charged `row_bytes` may run. `files` describes the
-    /// database and its log; it is read only when the decision is close.
+    /// How much of `wanted` (bytes charged for new rows, in their order) a transaction may add
+    /// now: `wanted` itself when all of it fits, less when only a first part does, `Err` when
+    /// not even a row would. `files` describes the database and its log; it is read only when
+    /// the decision is close.
     ///
-    /// A transaction that needs no space from the filesystem (its rows fit the database's free
-    /// pages, the log has room within its file and no checkpoint growth is pending) is always
-    /// admitted: it cannot fill the disk, so a store sharing a disk that something else filled
-    /// keeps taking as much as it drains. Anything else needs the reserve held and
-    /// `min_free_disk` left after what it may take.
-    pub fn admit(
+    /// Rows that need no space from the filesystem (they fit the database's free pages, the log
+    /// has room within its file and no checkpoint growth is pending) are always admitted: they
+    /// cannot fill the disk, so a store sharing a disk that something else filled keeps taking
+    /// as much as it drains. Anything else needs the reserve held and `min_free_disk` left after
+    /// what it may take.
+    pub fn room(
         &mut self,
-        row_bytes: u64,
+        wanted: u64,
         now: Instant,
         files: impl FnOnce() -> FileState,
-    ) -> Result<(), Short> {
+    ) -> Result<u64, Short> {
         let Some(r) = self.read(now) else {
             // An unreadable filesystem status must not stop intake: SQLite's own ENOSPC
             // handling still protects the file.
-            return Ok(());
+            return Ok(wanted);
         };
         if r.read_only {
             return Err(Short::ReadOnly);
         }
-        let need =
-            row_bytes.saturating_mul(ROW_FILL_NUM) / ROW_FILL_DEN + 2 * self.layout.page_size;
+        let page = self.layout.page_size;
+        let need_of = |bytes: u64| bytes.saturating_mul(ROW_FILL_NUM) / ROW_FILL_DEN + 2 * page;
         let hysteresis = if self.short {
             HYSTERESIS_MIN.max(self.layout.wal_cap / 4)
         } else {
             0
         };
         // Cheap first: plenty of room whatever the files look like.
-        let worst = 2 * need + 2 * self.layout.wal_cap;
+        let worst = 2 * need_of(wanted) + 2 * self.layout.wal_cap;
         if self.reserve_held && r.free >= self.min_free + hysteresis + worst {
             self.short = false;
-            return Ok(());
+            return Ok(wanted);
         }
         let f = files();
-        let growth = need.saturating_sub(f.free_pages) + f.pending_growth;
-        if growth == 0 && f.wal_used + need <= f.wal_len {
-            return Ok(());
-        }
-        let wal_room = (self.layout.wal_cap + need).saturating_sub(f.wal_len);
+        let in_file = |need: u64| {
+            f.pending_growth == 0 && need <= f.free_pages && f.wal_used + need <= f.wal_len
+        };
         let mut free = r.free;
-        if !self.reserve_held {
+        if !self.reserve_held && !in_file(need_of(wanted)) {
             self.take_reserve(r);
-            if !self.reserve_held {
-                self.short = true;
-                return Err(Short::NoReserve { free: r.free });
+            if self.reserve_held {
+                free = free.saturating_sub(self.layout.reserve);
             }
-            free = free.saturating_sub(self.layout.reserve);
         }
-        if free >= self.min_free + hysteresis + growth + wal_room {
+        let (reserve_held, limit, wal_cap) = (
+            self.reserve_held,
+            self.min_free + hysteresis,
+            self.layout.wal_cap,
+        );
+        let fits = |bytes: u64| {
+            let need = need_of(bytes);
+            if in_file(need) {
+                return true;
+            }
+            let growth = need.saturating_sub(f.free_pages) + f.pending_growth;
+            let wal_room = (wal_cap + need).saturating_sub(f.wal_len);
+            reserve_held && free >= limit + growth + wal_room
+        };
+        if fits(wanted) {
             self.short = false;
-            Ok(())
+            return Ok(wanted);
+        }
+        // The largest first part that fits (both conditions shrink as the part grows).
+        let (mut lo, mut hi) = (0u64, wanted);
+        while lo + 1 < hi {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        if lo > 0 && fits(lo) {
+            return Ok(lo);
+        }
+        self.short = true;
+        Err(if reserve_held {
+            Short::Headroom { free }
         } else {
-            self.short = true;
-            Err(Short::Headroom { free })
+            Short::NoReserve { free: r.free }
+        })
+    }
+
+    /// Whether a transaction adding rows charged `row_bytes` may run whole.
+    pub fn admit(
+        &mut self,
+        row_bytes: u64,
+        now: Instant,
+        files: impl FnOnce() -> FileState,
+    ) -> Result<(), Short> {
+        match self.room(row_bytes, now, files)? {
+            got if got >= row_bytes => Ok(()),
+            _ => {
+                self.short = true;
+                let free = self.last.map_or(0, |(_, r)| r.free);
+                Err(Short::Headroom { free })
+            }
         }
     }
 
@@ -420,6 +465,36 @@ mod tests {
         };
         free.store((4 << 20) + 300 * 1024, Ordering::SeqCst);
         assert_eq!(s.admit(1000, now, files), Ok(()));
+    }
+
+    #[test]
+    fn only_the_first_part_that_fits_the_free_pages_is_admitted_when_the_disk_is_full() {
+        let free = Arc::new(AtomicU64::new(0));
+        let (_d, mut s) = space(free.clone(), 1 << 20);
+        let now = Instant::now();
+        let files = || FileState {
+            wal_len: 1 << 20,
+            wal_used: 0,
+            pending_growth: 0,
+            free_pages: 100 * 1024,
+        };
+        let got = s
+            .room(1 << 20, now, files)
+            .expect("a first part fits the free pages");
+        assert!(got > 0 && got < 1 << 20, "{got}");
+        // The part plus its page overhead fits the free pages; a little more would not.
+        assert!(got * ROW_FILL_NUM / ROW_FILL_DEN + 2 * 1024 <= 100 * 1024);
+        assert!((got + 64) * ROW_FILL_NUM / ROW_FILL_DEN + 2 * 1024 > 100 * 1024);
+        assert!(s.admit(1 << 20, now, files).is_err());
+        // Nothing fits when the pages are gone.
+        let none = || FileState {
+            free_pages: 0,
+            ..files()
+        };
+        assert!(matches!(
+            s.room(1000, now, none),
+            Err(Short::NoReserve { .. })
+        ));
     }
 
     #[test]

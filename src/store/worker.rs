@@ -506,22 +506,25 @@ impl Worker {
         let acks = std::mem::take(&mut batch.acks);
         *batch = Batch::default();
 
-        let admitted = if appends.is_empty() {
-            Ok(())
+        let room = if appends.is_empty() {
+            Ok(None)
         } else {
             self.admit(&appends, now)
         };
-        if appends.is_empty() || admitted.is_err() {
-            // Nothing to insert: refuse what there is at once, then commit the acks alone.
-            if let Err(reason) = admitted {
-                for p in appends {
-                    self.refuse(p, reason, now);
+        let room = match room {
+            Ok(room) if !appends.is_empty() => room,
+            other => {
+                // Nothing to insert: refuse what there is at once, then commit the acks alone.
+                if let Err(reason) = other {
+                    for p in appends {
+                        self.refuse(p, reason, now);
+                    }
                 }
+                return self.commit_acks(acks, batch, now);
             }
-            return self.commit_acks(acks, batch, now);
-        }
+        };
 
-        let result = self.in_transaction(|w| w.write(&appends, &acks));
+        let result = self.in_transaction(|w| w.write(&appends, &acks, room));
         match result {
             Ok(txn) => {
                 self.apply(txn, appends, now);
@@ -544,7 +547,7 @@ impl Worker {
                             continue;
                         }
                         let one = vec![p];
-                        match self.in_transaction(|w| w.write(&one, &[])) {
+                        match self.in_transaction(|w| w.write(&one, &[], None)) {
                             Ok(txn) => self.apply(txn, one, now),
                             Err(e) => {
                                 if write_failure(&e).is_none() {
@@ -577,7 +580,9 @@ impl Worker {
 
     /// Whether the appends may be written now: not while writes fail, and only when the disk
     /// can take them (see `space`).
-    fn admit(&mut self, appends: &[Pending], now: Instant) -> Result<(), Refusal> {
+    /// What the disk admits of `appends`: `None` all of it, `Some(bytes)` a first part (the
+    /// transaction refuses the rows past it), `Err` nothing.
+    fn admit(&mut self, appends: &[Pending], now: Instant) -> Result<Option<u64>, Refusal> {
         if let Some((reason, retry_at)) = self.unwritable {
             if now < retry_at {
                 return Err(reason);
@@ -592,9 +597,12 @@ impl Worker {
         let (conn, settings) = (&self.conn, &self.settings);
         let result = self
             .space
-            .admit(bytes, now, || file_state(conn, settings, layout));
+            .room(bytes, now, || file_state(conn, settings, layout));
         match result {
-            Ok(()) => Ok(()),
+            Ok(room) if room >= bytes => Ok(None),
+            // Only a first part fits: admission stays open (each round stores at least a
+            // row), the caller gets the rest back and offers it again.
+            Ok(room) => Ok(Some(room)),
             Err(short) => {
                 let reason = match short {
                     Short::ReadOnly => Refusal::ReadOnly,
@@ -710,7 +718,7 @@ impl Worker {
         if relax {
             self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         }
-        let result = self.in_transaction(|w| w.write(&[], acks));
+        let result = self.in_transaction(|w| w.write(&[], acks, None));
         if relax {
             self.conn.execute_batch("PRAGMA synchronous = FULL")?;
         }
@@ -813,7 +821,14 @@ impl Worker {
 
     /// The body of one group commit: acks first (they free budget), then each append's rows in
     /// order until one is refused; that one and the rest of its append are not written.
-    fn write(&mut self, appends: &[Pending], acks: &[i64]) -> rusqlite::Result<TxnResult> {
+    /// Deletes `acks` and inserts `appends`; with `room` (what the disk admits, in charged
+    /// bytes), the rows past it are refused as `DiskFull`, as are all after the first refused.
+    fn write(
+        &mut self,
+        appends: &[Pending],
+        acks: &[i64],
+        mut room: Option<u64>,
+    ) -> rusqlite::Result<TxnResult> {
         let mut txn = TxnResult {
             totals: self.totals.clone(),
             next_seq: self.next_seq,
@@ -885,6 +900,14 @@ impl Worker {
                     if size > self.settings.max_bytes {
                         refused = Some(Refusal::TooLarge);
                         break;
+                    }
+                    if let Some(left) = room.as_mut() {
+                        if size > *left {
+                            *left = 0;
+                            refused = Some(Refusal::DiskFull);
+                            break;
+                        }
+                        *left -= size;
                     }
                     if txn.totals.bytes + size > self.settings.max_bytes {
                         let fits = match self.settings.when_full {
