@@ -1,20 +1,69 @@
-//! RFC 3339 timestamps in UTC with milliseconds (`2026-11-27T10:00:00.123Z`), without a date
-//! crate: the civil-date conversion is Howard Hinnant's `civil_from_days` / `days_from_civil`.
+//! UTC timestamps without a date crate: RFC 3339 with milliseconds (`2026-11-27T10:00:00.123Z`)
+//! and the compact form used in file names (`20261127T100000`). The civil-date conversion is
+//! Howard Hinnant's `civil_from_days` / `days_from_civil`, the only copy in the crate.
+
+/// A unix-millisecond instant broken into proleptic Gregorian UTC fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Utc {
+    pub year: i64,
+    pub month: i64,
+    pub day: i64,
+    pub hour: i64,
+    pub minute: i64,
+    pub second: i64,
+    pub milli: i64,
+}
+
+impl Utc {
+    /// Any instant, before 1970 too.
+    pub fn from_unix_ms(ms: i64) -> Utc {
+        let days = ms.div_euclid(86_400_000);
+        let rem = ms.rem_euclid(86_400_000);
+        let (year, month, day) = civil_from_days(days);
+        Utc {
+            year,
+            month,
+            day,
+            hour: rem / 3_600_000,
+            minute: rem / 60_000 % 60,
+            second: rem / 1000 % 60,
+            milli: rem % 1000,
+        }
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+    pub fn rfc3339(&self) -> String {
+        let Utc {
+            year: y,
+            month: m,
+            day: d,
+            hour: h,
+            minute: min,
+            second: s,
+            milli,
+        } = *self;
+        format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
+    }
+
+    /// `YYYYMMDDTHHMMSS`, for file names.
+    pub fn compact(&self) -> String {
+        let Utc {
+            year: y,
+            month: m,
+            day: d,
+            hour: h,
+            minute: min,
+            second: s,
+            ..
+        } = *self;
+        format!("{y:04}{m:02}{d:02}T{h:02}{min:02}{s:02}")
+    }
+}
 
 /// Formats Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`. Times before 1970 are clamped to the
 /// epoch (a gateway clock that far off is a bug elsewhere; the reading is still published).
 pub fn rfc3339_ms(unix_ms: i64) -> String {
-    let ms = unix_ms.max(0);
-    let days = ms.div_euclid(86_400_000);
-    let rem = ms.rem_euclid(86_400_000);
-    let (y, m, d) = civil_from_days(days);
-    let (h, min, s, milli) = (
-        rem / 3_600_000,
-        rem / 60_000 % 60,
-        rem / 1000 % 60,
-        rem % 1000,
-    );
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
+    Utc::from_unix_ms(unix_ms.max(0)).rfc3339()
 }
 
 /// Parses exactly the form [`rfc3339_ms`] writes; `None` for anything else.

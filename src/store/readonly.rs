@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 
-use super::schema::{self, MESSAGE_COLUMNS};
-use super::worker::read_message;
+use super::schema::{self, read_message, MESSAGE_COLUMNS};
 use super::{PriorityStats, StoreError, StoreStats};
+use crate::codec::time::Utc;
 
 pub struct ReadOnlyStore {
     conn: Connection,
@@ -125,42 +125,9 @@ impl ReadOnlyStore {
     }
 }
 
-/// Civil UTC date and time of a unix-millisecond instant (proleptic Gregorian).
-fn civil(ms: i64) -> (i64, u32, u32, u32, u32, u32, u32) {
-    let days = ms.div_euclid(86_400_000);
-    let in_day = ms.rem_euclid(86_400_000);
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let secs = in_day / 1000;
-    (
-        y,
-        m,
-        d,
-        (secs / 3600) as u32,
-        ((secs / 60) % 60) as u32,
-        (secs % 60) as u32,
-        (in_day % 1000) as u32,
-    )
-}
-
-/// `2026-11-27T10:00:00.123Z`
+/// `2026-11-27T10:00:00.123Z` (before 1970 too: an export shows what the row holds).
 pub(super) fn rfc3339_utc(ms: i64) -> String {
-    let (y, mo, d, h, mi, s, milli) = civil(ms);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
-}
-
-/// `20261127T100000`, for quarantine file names.
-pub(super) fn compact_utc(ms: i64) -> String {
-    let (y, mo, d, h, mi, s, _) = civil(ms);
-    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}")
+    Utc::from_unix_ms(ms).rfc3339()
 }
 
 /// Standard base64 with padding (RFC 4648 §4).

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
-use super::StoreError;
+use super::{StoreError, StoredMessage};
+use crate::codec::time::Utc;
 use crate::config::SyncMode;
 
 /// Bumped on any incompatible change; a newer file is refused, never quarantined. Version 1
@@ -73,6 +74,25 @@ const CREATE_VIEW: &str = "
 /// Columns selected (from the `queue` view) wherever a [`super::StoredMessage`] is read, in
 /// `read_message` order.
 pub(super) const MESSAGE_COLUMNS: &str = "id, topic, payload, qos, retain, priority, created_ms";
+
+/// Maps a row selected with [`MESSAGE_COLUMNS`].
+pub(super) fn read_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let payload = match r.get_ref(2)? {
+        rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => {
+            bytes::Bytes::copy_from_slice(b)
+        }
+        _ => bytes::Bytes::new(),
+    };
+    Ok(StoredMessage {
+        id: r.get(0)?,
+        topic: r.get(1)?,
+        payload,
+        qos: r.get(3)?,
+        retain: r.get(4)?,
+        priority: r.get(5)?,
+        created_ms: r.get(6)?,
+    })
+}
 
 /// Queued rows and charged bytes per priority, kept in memory by the writer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -538,7 +558,7 @@ pub(super) fn sidecar(path: &Path, suffix: &str) -> PathBuf {
 
 /// Renames the database and its `-wal`/`-shm` aside; returns the new database path.
 fn quarantine(path: &Path, reason: &str) -> Result<PathBuf, StoreError> {
-    let stamp = super::readonly::compact_utc(super::now_ms());
+    let stamp = Utc::from_unix_ms(super::now_ms()).compact();
     let base = sidecar(path, &format!(".corrupt-{stamp}"));
     // Two quarantines in the same second must not overwrite each other.
     let target = (0..1000)

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use proptest::prelude::*;
 
-use super::readonly::{base64, compact_utc, rfc3339_utc};
+use super::readonly::{base64, rfc3339_utc};
 use super::worker::Probes;
 use super::*;
+use crate::codec::time::Utc;
 use crate::config::{ByteSize, HumanDuration, StoreConfig, SyncMode, WhenFull};
 
 type Opened = (StoreHandle, OpenReport, std::thread::JoinHandle<()>);
@@ -1090,7 +1091,10 @@ fn times_and_payloads_are_formatted_for_people() {
     assert_eq!(rfc3339_utc(1_764_237_600_123), "2025-11-27T10:00:00.123Z");
     assert_eq!(rfc3339_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
     assert_eq!(rfc3339_utc(-1000), "1969-12-31T23:59:59.000Z");
-    assert_eq!(compact_utc(1_764_237_600_123), "20251127T100000");
+    assert_eq!(
+        Utc::from_unix_ms(1_764_237_600_123).compact(),
+        "20251127T100000"
+    );
     assert_eq!(base64(b"Man"), "TWFu");
     assert_eq!(base64(b"Ma"), "TWE=");
     assert_eq!(base64(b"M"), "TQ==");

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::watch;
 
-use super::schema::{self, band, is_corruption, Totals, MESSAGE_COLUMNS, SEQ_RESERVED_KEY};
+use super::schema::{
+    self, band, is_corruption, read_message, Totals, MESSAGE_COLUMNS, SEQ_RESERVED_KEY,
+};
 use super::space::{self, DiskProbe, FileState, Layout, Short, Space};
 use super::{
     row_bytes, Admission, AppendOutcome, Command, Cursor, DropCounters, DropReason, Durability,
@@ -1489,23 +1491,4 @@ fn fail_command(cmd: Command, reason: &str) {
         }
         Command::Ack(_) | Command::Dropped(..) => {}
     }
-}
-
-/// Maps a row selected with [`MESSAGE_COLUMNS`].
-pub(super) fn read_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
-    let payload = match r.get_ref(2)? {
-        rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => {
-            bytes::Bytes::copy_from_slice(b)
-        }
-        _ => bytes::Bytes::new(),
-    };
-    Ok(StoredMessage {
-        id: r.get(0)?,
-        topic: r.get(1)?,
-        payload,
-        qos: r.get(3)?,
-        retain: r.get(4)?,
-        priority: r.get(5)?,
-        created_ms: r.get(6)?,
-    })
 }
