@@ -20,10 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, ListenerExit, LocalPublisher};
 use crate::config::{ByteSize, Config};
-use crate::forward::{ForwardCounters, Forwarder, LinkState};
+use crate::forward::Forwarder;
 use crate::notify;
 use crate::ops::Telemetry;
-use crate::sources::local::{IntakeCounters, LocalIntake};
+use crate::shared::IntakeCounters;
+use crate::shared::{ForwardCounters, LinkState};
+use crate::sources::local::LocalIntake;
 use crate::store::{Store, StoreHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -365,9 +367,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         broker.listeners().iter().map(|l| l.addr.port()).collect(),
         broker.front_counters(),
     ));
-    crate::ops::registry::registry().retain_sensors(&configured_sensors(&cfg));
+    crate::shared::registry::registry().retain_sensors(&configured_sensors(&cfg));
     for (kind, name) in configured_sensors(&cfg) {
-        crate::ops::registry::registry().sensor(kind, &name);
+        crate::shared::registry::registry().sensor(kind, &name);
     }
     let ops_token = root.child_token();
     if let Some(path) = &cfg.status.socket {
@@ -445,9 +447,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
                     Ok(new_cfg) => {
                         publish_discovery(&new_cfg, Some(&cfg), &local).await;
                         let keep = configured_sensors(&new_cfg);
-                        crate::ops::registry::registry().retain_sensors(&keep);
+                        crate::shared::registry::registry().retain_sensors(&keep);
                         for (kind, name) in keep {
-                            crate::ops::registry::registry().sensor(kind, &name);
+                            crate::shared::registry::registry().sensor(kind, &name);
                         }
                         if new_cfg.status.stats_interval != cfg.status.stats_interval {
                             stats_timer = new_stats_timer(&new_cfg);
@@ -722,12 +724,10 @@ async fn status_line(link: &LinkState, store: Option<&StoreHandle>) -> String {
                 ByteSize(st.bytes)
             ));
             if let Some(oldest) = st.oldest_created_ms {
-                let age_ms = crate::sources::local::now_ms()
-                    .saturating_sub(oldest)
-                    .max(0);
+                let age_ms = crate::shared::now_ms().saturating_sub(oldest).max(0);
                 s.push_str(&format!(
                     ", oldest {}",
-                    crate::forward::human_age(Duration::from_millis(age_ms as u64))
+                    crate::shared::human_age(Duration::from_millis(age_ms as u64))
                 ));
             }
         }

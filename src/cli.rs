@@ -184,7 +184,7 @@ pub fn buffer(cmd: BufferCommand) -> ExitCode {
     match action {
         BufferCommand::Stats { json, .. } => match store.stats() {
             Ok(st) => {
-                let now = crate::sources::local::now_ms();
+                let now = crate::shared::now_ms();
                 let oldest_age_s = st
                     .oldest_created_ms
                     .map(|c| (now - c).max(0) as f64 / 1000.0);
@@ -222,7 +222,7 @@ pub fn buffer(cmd: BufferCommand) -> ExitCode {
                     match oldest_age_s {
                         Some(a) => println!(
                             "oldest     {}",
-                            crate::forward::human_age(std::time::Duration::from_secs_f64(a))
+                            crate::shared::human_age(std::time::Duration::from_secs_f64(a))
                         ),
                         None => println!("oldest     -"),
                     }

@@ -28,5 +28,6 @@ pub mod hw;
 pub mod logging;
 pub mod notify;
 pub mod ops;
+pub mod shared;
 pub mod sources;
 pub mod store;

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::LocalPublisher;
 use crate::config::{Endpoint, UplinkConfig};
+use crate::shared::{ForwardCounters, LinkState};
 use crate::store::{Cursor, StoreHandle, StoredMessage};
 use pacing::{Backoff, TokenBucket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,59 +47,6 @@ pub enum ForwardError {
     Wire(#[from] wire::WireError),
     #[error("invalid uplink url: {0}")]
     Url(String),
-}
-
-/// What the rest of the gateway can see of the link.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkState {
-    Connecting,
-    Up { since: Instant },
-    Down { since: Instant, error: String },
-    Disabled,
-}
-
-impl LinkState {
-    pub fn describe(&self) -> String {
-        match self {
-            LinkState::Connecting => "link connecting".to_string(),
-            LinkState::Up { since } => format!("link up {}", human_age(since.elapsed())),
-            LinkState::Down { since, .. } => format!("link down {}", human_age(since.elapsed())),
-            LinkState::Disabled => "no uplink configured".to_string(),
-        }
-    }
-}
-
-pub fn human_age(d: Duration) -> String {
-    let s = d.as_secs();
-    if s < 60 {
-        format!("{s}s")
-    } else if s < 3600 {
-        format!("{}m", s / 60)
-    } else if s < 86400 {
-        format!("{}h{}m", s / 3600, (s % 3600) / 60)
-    } else {
-        format!("{}d{}h", s / 86400, (s % 86400) / 3600)
-    }
-}
-
-/// Counters other stages read (status line, later metrics).
-#[derive(Debug, Default)]
-pub struct ForwardCounters {
-    pub forwarded: std::sync::atomic::AtomicU64,
-    pub refused: std::sync::atomic::AtomicU64,
-    pub reconnects: std::sync::atomic::AtomicU64,
-    pub downlink: std::sync::atomic::AtomicU64,
-    /// Why the last session ended, kept after a reconnect for `edgegate status`.
-    pub last_error: std::sync::Mutex<Option<String>>,
-}
-
-impl ForwardCounters {
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
 }
 
 /// Acks handed to the store at once, at most `ACK_LINGER` after the first of them.

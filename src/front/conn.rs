@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::packet::{self, ConnectError, Frame, Malformed};
 use super::rows::{Rows, RowsError, StoreEvent};
 use super::{props, Acl, Refusal, Shared, Subscriptions};
+use crate::shared::BoundedCache;
 use crate::sources::local::RuleSettings;
 use crate::store::Durability;
 
@@ -595,7 +596,7 @@ struct DeviceState<'a> {
     level: u8,
     acl: &'a Acl,
     between: &'a Between,
-    topics: HashMap<Bytes, TopicInfo>,
+    topics: BoundedCache<Bytes, TopicInfo>,
     /// The rules generation `topics` was filled under.
     rules_generation: Option<u64>,
     /// The subscription generation `topics` was filled under.
@@ -637,7 +638,7 @@ where
         level: session.level,
         acl,
         between,
-        topics: HashMap::new(),
+        topics: BoundedCache::new(TOPIC_CACHE_MAX),
         rules_generation: shared.durable.as_ref().map(|d| d.uplink.generation()),
         subs_generation: shared.subs.generation(),
         own: OwnFilters {
@@ -1078,9 +1079,6 @@ impl DeviceState<'_> {
             allowed: self.acl.may_publish(text),
             subscribed: self.shared.subs.may_have_subscriber(text),
         };
-        if self.topics.len() >= TOPIC_CACHE_MAX {
-            self.topics.clear();
-        }
         // A copy: the key must not keep the whole packet's buffer alive.
         self.topics.insert(Bytes::copy_from_slice(topic), info);
         info

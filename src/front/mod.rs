@@ -297,7 +297,7 @@ pub(crate) struct Shared {
     /// Local subscription filters: topics without one skip rumqttd.
     subs: Arc<Subscriptions>,
     v4_filters: props::V4Filters,
-    log_limit: std::sync::Mutex<crate::sources::hardware::RateLimited>,
+    log_limit: std::sync::Mutex<crate::shared::RateLimited>,
 }
 
 /// The device-facing listener(s).
@@ -336,7 +336,7 @@ impl Front {
                 counters: Arc::new(FrontCounters::default()),
                 subs: Arc::new(Subscriptions::new()),
                 v4_filters: props::V4Filters::default(),
-                log_limit: std::sync::Mutex::new(crate::sources::hardware::RateLimited::new(
+                log_limit: std::sync::Mutex::new(crate::shared::RateLimited::new(
                     Duration::from_secs(1),
                 )),
             }),

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::registry::registry;
-use crate::forward::{ForwardCounters, LinkState};
 use crate::front::FrontCounters;
-use crate::sources::local::{now_ms, IntakeCounters};
+use crate::shared::registry::registry;
+use crate::shared::{now_ms, IntakeCounters};
+use crate::shared::{ForwardCounters, LinkState};
 use crate::store::StoreHandle;
 
 /// The live sources of a snapshot, shared by the status socket, the metrics endpoint and the
@@ -400,12 +400,12 @@ impl Snapshot {
             self.version,
             self.gateway_id,
             self.pid,
-            crate::forward::human_age(Duration::from_secs(self.uptime_s))
+            crate::shared::human_age(Duration::from_secs(self.uptime_s))
         ));
         let u = &self.uplink;
         let since = u
             .for_s
-            .map(|s| format!(" for {}", crate::forward::human_age(Duration::from_secs(s))))
+            .map(|s| format!(" for {}", crate::shared::human_age(Duration::from_secs(s))))
             .unwrap_or_default();
         line(format!(
             "uplink:   {}{since}; {} forwarded, {} reconnects, {} refused, {} downlink",
@@ -421,7 +421,7 @@ impl Snapshot {
                     .map(|a| {
                         format!(
                             ", oldest {}",
-                            crate::forward::human_age(Duration::from_secs_f64(a))
+                            crate::shared::human_age(Duration::from_secs_f64(a))
                         )
                     })
                     .unwrap_or_default();
@@ -469,7 +469,7 @@ impl Snapshot {
                 .map(|a| {
                     format!(
                         "last reading {} ago",
-                        crate::forward::human_age(Duration::from_secs_f64(a))
+                        crate::shared::human_age(Duration::from_secs_f64(a))
                     )
                 })
                 .unwrap_or_else(|| "no reading yet".into());
@@ -529,7 +529,7 @@ impl Snapshot {
             if let Some(r) = &st.refusing {
                 line(format!(
                     "          REFUSING new messages for {}: {} ({})",
-                    crate::forward::human_age(Duration::from_secs_f64(r.for_s)),
+                    crate::shared::human_age(Duration::from_secs_f64(r.for_s)),
                     r.reason,
                     r.meaning
                 ));

@@ -20,14 +20,15 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::hardware::{HardwareCounters, RateLimited, Reading};
+use super::hardware::Reading;
 use crate::codec::command::parse_switch;
 use crate::codec::payload::gpio_state;
 use crate::config::{EdgeKind, GpioInputConfig, GpioOutputConfig, SimStep};
-use crate::forward::LinkState;
 use crate::hw::clock::Clock;
 use crate::hw::gpio::{InputLine, OutputLine};
 use crate::hw::gpio_sim::SimGpio;
+use crate::shared::LinkState;
+use crate::shared::{HardwareCounters, RateLimited};
 
 /// A debounced change of logical state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +133,7 @@ pub async fn run_input(
         }
     };
     let mut deb = Debouncer::new(initial, cfg.debounce.get(), Instant::now());
-    let events = crate::ops::registry::GpioInputEvents::new(&cfg.name, &cfg.pin.to_string());
+    let events = crate::shared::registry::GpioInputEvents::new(&cfg.name, &cfg.pin.to_string());
     let send = |state: bool, edge: Option<Edge>| {
         let now = clock.now_ms();
         events.reading(edge.map(Edge::as_str), now);
@@ -281,7 +282,7 @@ pub async fn run_outputs(
                 let Some(o) = outputs.iter_mut().find(|o| o.cfg.command_topic() == topic) else { continue };
                 match parse_switch(&payload) {
                     Ok(on) => {
-                        crate::ops::registry::gpio_command(&o.cfg.name, "ok");
+                        crate::shared::registry::gpio_command(&o.cfg.name, "ok");
                         tracing::info!(output = %o.cfg.name, state = u8::from(on), "command");
                         if out.send(o.apply(on, clock.as_ref())).await.is_err() {
                             return;
@@ -289,7 +290,7 @@ pub async fn run_outputs(
                     }
                     Err(e) => {
                         let total = counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
-                        crate::ops::registry::gpio_command(&o.cfg.name, "rejected");
+                        crate::shared::registry::gpio_command(&o.cfg.name, "rejected");
                         if rejected_log.allow() {
                             let shown: String = String::from_utf8_lossy(&payload).chars().take(40).collect();
                             tracing::warn!(output = %o.cfg.name, %topic, payload = %shown, error = %e, rejected_total = total, "command rejected");

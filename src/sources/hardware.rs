@@ -25,7 +25,7 @@
 //! states and confirm them, every reading still queued is committed and published, then the
 //! stage returns and the intake stops after it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -39,10 +39,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::gpio::{self, GpioInput, GpioOutput};
 use crate::config::{Config, UplinkConfig};
-use crate::forward::LinkState;
 use crate::hw::clock::{Clock, SystemClock};
 use crate::hw::gpio::Gpio;
 use crate::hw::HwError;
+use crate::shared::{HardwareCounters, LinkState, RateLimited};
 use crate::store::{Durability, NewMessage, StoreHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -162,39 +162,6 @@ pub struct Reading {
     pub topic: String,
     pub payload: Bytes,
     pub retain: bool,
-}
-
-/// Counters of the hardware stage (logged at shutdown).
-#[derive(Debug, Default)]
-pub struct HardwareCounters {
-    pub readings: AtomicU64,
-    pub stored: AtomicU64,
-    pub store_failed: AtomicU64,
-    pub bad_frames: AtomicU64,
-    pub rejected_commands: AtomicU64,
-}
-
-/// Allows one event per period (log rate limiting).
-pub struct RateLimited {
-    every: Duration,
-    last: Option<std::time::Instant>,
-}
-
-impl RateLimited {
-    pub fn new(every: Duration) -> RateLimited {
-        RateLimited { every, last: None }
-    }
-    pub fn allow(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.every)
-        {
-            return false;
-        }
-        self.last = Some(now);
-        true
-    }
 }
 
 /// Readings waiting for the store; senders wait when it is full.
@@ -424,7 +391,7 @@ async fn emit(
         counters
             .readings
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let now = crate::sources::local::now_ms();
+        let now = crate::shared::now_ms();
         let mut stored = vec![false; batch.len()];
         let rows: Vec<NewMessage> = match (&store, &uplink) {
             (Some(_), Some(up)) => batch

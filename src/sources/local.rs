@@ -8,7 +8,7 @@
 //! stops delivering to it after ~200 messages while devices keep getting PUBACKs.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rumqttd::local::{LinkRx, LinkTx};
@@ -16,6 +16,7 @@ use rumqttd::Notification;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UplinkConfig;
+use crate::shared::{now_ms, BoundedCache, IntakeCounters, RateLimited};
 use crate::store::{Durability, NewMessage, PendingCommit, StoreHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,21 +25,6 @@ pub enum IntakeError {
         "the embedded broker closed the intake link: {0}; forwarded topics are no longer stored"
     )]
     LinkClosed(String),
-}
-
-/// Counters shared with status reporting.
-#[derive(Debug, Default)]
-pub struct IntakeCounters {
-    pub received: AtomicU64,
-    /// Messages from devices handed to the store (hardware readings excluded: stored by their
-    /// own stage).
-    pub taken: AtomicU64,
-    pub unmatched: AtomicU64,
-    pub bad_topic: AtomicU64,
-    pub rearmed: AtomicU64,
-    /// Messages rumqttd's in-memory log rolled over before we read them (lost: the device got
-    /// its PUBACK). Detected as a gap in the log offsets of our subscription.
-    pub overrun: AtomicU64,
 }
 
 pub struct LocalIntake {
@@ -233,10 +219,10 @@ impl RuleSettings {
 /// read it (rumqttd "jumps to head"). That loss cannot be undone here — the devices already have
 /// their PUBACKs — but it must never be silent.
 struct Routes {
-    cache: std::collections::HashMap<bytes::Bytes, Option<Route>>,
+    cache: BoundedCache<bytes::Bytes, Option<Route>>,
     subscriptions: Vec<String>,
     last_offset: Vec<Option<u64>>,
-    last_log: Option<std::time::Instant>,
+    log: RateLimited,
     unlogged: u64,
 }
 
@@ -247,10 +233,10 @@ impl Routes {
     fn new(uplink: &UplinkConfig) -> Self {
         let subscriptions = uplink.local_subscriptions();
         Routes {
-            cache: std::collections::HashMap::new(),
+            cache: BoundedCache::new(ROUTE_CACHE_MAX),
             last_offset: vec![None; subscriptions.len()],
             subscriptions,
-            last_log: None,
+            log: RateLimited::new(std::time::Duration::from_secs(10)),
             unlogged: 0,
         }
     }
@@ -267,9 +253,6 @@ impl Routes {
                 .iter()
                 .position(|f| crate::config::topic::matches(f, t)),
         });
-        if self.cache.len() >= ROUTE_CACHE_MAX {
-            self.cache.clear();
-        }
         // A copy: the original is a slice of rumqttd's read buffer, which it would keep alive.
         self.cache
             .insert(bytes::Bytes::copy_from_slice(topic), route);
@@ -286,25 +269,13 @@ impl Routes {
             let lost = offset - prev - 1;
             counters.overrun.fetch_add(lost, Ordering::Relaxed);
             self.unlogged += lost;
-            let now = std::time::Instant::now();
-            if self
-                .last_log
-                .is_none_or(|t| now.duration_since(t).as_secs() >= 10)
-            {
+            if self.log.allow() {
                 tracing::error!(
                     lost = self.unlogged,
                     "the embedded broker's in-memory log rolled over before the store took these messages; they are lost (devices publish faster than the store commits: raise broker.segment_size/segment_count or use faster storage)"
                 );
                 self.unlogged = 0;
-                self.last_log = Some(now);
             }
         }
     }
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

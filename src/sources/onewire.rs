@@ -28,7 +28,7 @@ use crate::codec::payload;
 use crate::codec::w1::{self, W1Error};
 use crate::config::modbus::{onewire_topic_of, OnewireConfig};
 use crate::hw::clock::Clock;
-use crate::ops::registry::registry;
+use crate::shared::registry::registry;
 
 /// What one read of a probe gave.
 #[derive(Debug, Clone, PartialEq)]

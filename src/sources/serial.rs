@@ -11,16 +11,17 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio::time::{Duration, Instant};
+use tokio::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use super::hardware::{HardwareCounters, Reading};
+use super::hardware::Reading;
 use crate::codec::format::{decode, Decoded, Format};
 use crate::codec::frame::{Delimiter, Framer};
 use crate::codec::payload;
 use crate::config::{SerialFormat, SerialPortConfig};
 use crate::hw::clock::Clock;
 use crate::hw::serial;
+use crate::shared::{HardwareCounters, RateLimited};
 
 /// How often a bad-frame summary is logged per port at most (the first of each reason is logged
 /// at once).
@@ -53,10 +54,9 @@ pub fn delimiter_of(cfg: &SerialPortConfig) -> Delimiter {
 /// every [`BAD_FRAME_LOG_EVERY`].
 struct BadFrames {
     port: String,
-    events: Arc<crate::ops::registry::SerialPortEvents>,
+    events: Arc<crate::shared::registry::SerialPortEvents>,
     total: BTreeMap<&'static str, u64>,
-    since_log: u64,
-    last_log: Option<Instant>,
+    log: RateLimited,
 }
 
 impl BadFrames {
@@ -65,25 +65,17 @@ impl BadFrames {
         self.events.frame_skipped(reason);
         let n = self.total.entry(reason).or_insert(0);
         *n += 1;
-        self.since_log += 1;
         let first_of_reason = *n == 1;
-        let now = Instant::now();
-        if first_of_reason
-            || self
-                .last_log
-                .is_none_or(|t| now.duration_since(t) >= BAD_FRAME_LOG_EVERY)
-        {
+        if self.log.allow_or(first_of_reason) {
             let totals: Vec<String> = self.total.iter().map(|(r, n)| format!("{r}={n}")).collect();
             tracing::warn!(
                 port = %self.port,
                 reason,
                 detail,
-                skipped_since_last_log = self.since_log,
+                skipped_since_last_log = self.log.take_skipped() + 1,
                 totals = %totals.join(","),
                 "serial frame skipped"
             );
-            self.since_log = 0;
-            self.last_log = Some(now);
         }
     }
 }
@@ -97,7 +89,7 @@ pub async fn run_port(
     cancel: CancellationToken,
 ) {
     let topic = cfg.topic();
-    let events = Arc::new(crate::ops::registry::SerialPortEvents::new(&cfg.name));
+    let events = Arc::new(crate::shared::registry::SerialPortEvents::new(&cfg.name));
     let format = format_of(&cfg);
     let delimiter = delimiter_of(&cfg);
     let delim_bytes: Vec<u8> = match &delimiter {
@@ -110,8 +102,7 @@ pub async fn run_port(
         port: cfg.name.clone(),
         events: events.clone(),
         total: BTreeMap::new(),
-        since_log: 0,
-        last_log: None,
+        log: RateLimited::new(BAD_FRAME_LOG_EVERY),
     };
     let mut backoff = cfg.reopen_min.get();
     let mut failing_since: Option<std::time::Instant> = None;

@@ -816,10 +816,3 @@ fn store_dir(path: &Path) -> PathBuf {
         _ => PathBuf::from("."),
     }
 }
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}

@@ -558,7 +558,7 @@ pub(super) fn sidecar(path: &Path, suffix: &str) -> PathBuf {
 
 /// Renames the database and its `-wal`/`-shm` aside; returns the new database path.
 fn quarantine(path: &Path, reason: &str) -> Result<PathBuf, StoreError> {
-    let stamp = Utc::from_unix_ms(super::now_ms()).compact();
+    let stamp = Utc::from_unix_ms(crate::shared::now_ms()).compact();
     let base = sidecar(path, &format!(".corrupt-{stamp}"));
     // Two quarantines in the same second must not overwrite each other.
     let target = (0..1000)

@@ -15,6 +15,7 @@ use super::worker::Probes;
 use super::*;
 use crate::codec::time::Utc;
 use crate::config::{ByteSize, HumanDuration, StoreConfig, SyncMode, WhenFull};
+use crate::shared::now_ms;
 
 type Opened = (StoreHandle, OpenReport, std::thread::JoinHandle<()>);
 

@@ -16,7 +16,7 @@
 //! In-memory totals change only after a commit succeeds, so a rolled-back transaction cannot make
 //! them drift from the file.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -34,6 +34,7 @@ use super::{
     StoredMessage,
 };
 use crate::config::{StoreConfig, WhenFull};
+use crate::shared::BoundedCache;
 
 /// Longest pause between housekeeping sweeps.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -231,7 +232,7 @@ pub(super) struct Worker {
     next_seq: i64,
     seq_reserved: i64,
     /// topic → `topics.id`, for topics committed in the table.
-    topic_ids: HashMap<String, i64>,
+    topic_ids: BoundedCache<String, i64>,
     /// Topics inserted since the table was last cleaned up.
     topics_since_gc: u64,
 }
@@ -318,7 +319,7 @@ impl Worker {
             next_seq,
             // Not yet persisted for this run: the first insert writes a reservation.
             seq_reserved: next_seq,
-            topic_ids: HashMap::new(),
+            topic_ids: BoundedCache::new(TOPIC_CACHE_MAX),
             // Leftovers of the last run are cleaned up at the first sweep with an empty queue.
             topics_since_gc: TOPIC_GC_EMPTY_AFTER,
         })
@@ -775,7 +776,7 @@ impl Worker {
                 },
                 _ => Admission::Refusing {
                     reason,
-                    since_ms: super::now_ms(),
+                    since_ms: crate::shared::now_ms(),
                 },
             },
         };
@@ -1030,10 +1031,9 @@ impl Worker {
         if let Some(r) = txn.reserved {
             self.seq_reserved = r;
         }
-        if self.topic_ids.len() + txn.new_topics.len() > TOPIC_CACHE_MAX {
-            self.topic_ids.clear();
+        for (topic, id) in txn.new_topics {
+            self.topic_ids.insert(topic, id);
         }
-        self.topic_ids.extend(txn.new_topics);
         self.topics_since_gc += txn.topics_inserted;
         self.unpersisted = [0; 4];
         self.appended_total += txn.inserted;
@@ -1105,7 +1105,7 @@ impl Worker {
     /// Housekeeping: expiry, drop-log flush, disk probe, incremental vacuum.
     fn sweep(&mut self, now: Instant) -> Result<(), String> {
         if let Some(max_age) = self.settings.max_age {
-            let cutoff = super::now_ms().saturating_sub(max_age.as_millis() as i64);
+            let cutoff = crate::shared::now_ms().saturating_sub(max_age.as_millis() as i64);
             match self.expire(cutoff) {
                 Ok(()) => {}
                 Err(e) if e.sqlite_error_code() == Some(ErrorCode::DiskFull) => {
