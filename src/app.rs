@@ -8,6 +8,7 @@
 //! hand what it holds to the store → stop sending upstream, wait for in-flight PUBACKs → commit
 //! and close the store → exit 0.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerError, ListenerExit, LocalPublisher};
 use crate::config::{ByteSize, Config};
 use crate::forward::Forwarder;
+use crate::intake::{LocalIntake, Rules, StoredReadings};
 use crate::notify;
 use crate::ops::Telemetry;
 use crate::shared::IntakeCounters;
 use crate::shared::{ForwardCounters, LinkState};
-use crate::sources::local::LocalIntake;
 use crate::store::{Store, StoreHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +123,12 @@ struct Shared {
     /// The MQTT front stores device messages itself; the local-link intake then does not run.
     front_on: bool,
     /// The forward rules the front stores by; replaced at a reload.
-    front_rules: Option<Arc<crate::front::Rules>>,
+    front_rules: Option<Arc<Rules>>,
+    /// The front's local subscription registry (an in-process subscriber registers its filters
+    /// there first, or the front would acknowledge messages on them without passing them on).
+    front_subscriptions: Option<Arc<crate::front::Subscriptions>>,
+    /// Readings the hardware stage stored, for the local-link intake to skip (front off only).
+    dedup: Option<Arc<StoredReadings>>,
 }
 
 /// The intake: the broker subscription on the forward filters, into the store.
@@ -135,24 +141,23 @@ fn spawn_intake(cfg: &Config, broker: &Broker, sh: &Shared) -> Result<Option<Sta
     if sh.front_on {
         return Ok(None);
     }
-    let (mut link_tx, link_rx) = broker.link(&format!("edgegate-intake-{}", sh.generation))?;
+    let Some(dedup) = sh.dedup.clone() else {
+        return Ok(None);
+    };
+    let mut link = broker.link(&format!("edgegate-intake-{}", sh.generation))?;
     let intake = LocalIntake {
         uplink: Arc::new(uplink.clone()),
         store: store.clone(),
         counters: sh.intake_counters.clone(),
+        dedup,
     };
     intake
-        .subscribe(&mut link_tx)
+        .subscribe(&mut link)
         .map_err(|e| AppError::Start(e.to_string()))?;
     Ok(Some(Stage::spawn(
         "intake",
         &sh.root,
-        move |t| async move {
-            intake
-                .run(link_tx, link_rx, t)
-                .await
-                .map_err(|e| e.to_string())
-        },
+        move |t| async move { intake.run(link, t).await.map_err(|e| e.to_string()) },
     )))
 }
 
@@ -187,14 +192,15 @@ fn spawn_hardware(cfg: &Config, broker: &Broker, sh: &Shared) -> Result<Option<S
     // The outputs' command topics are subscribed on the local link below: the front must pass
     // device messages on them to rumqttd. They stay registered after a reload (harmless: their
     // messages then merely take rumqttd's path).
-    if let Some(subs) = broker.front_subscriptions() {
+    if let Some(subs) = &sh.front_subscriptions {
         for topic in hw.command_topics() {
             subs.add(&topic);
         }
     }
-    let (hw_tx, hw_rx) = broker
+    let hw_link = broker
         .link(&format!("edgegate-hardware-{}", sh.generation))
         .map_err(|e| e.to_string())?;
+    let hw_dedup = sh.dedup.clone();
     let hw_store = sh.store.clone();
     let hw_uplink = cfg.uplink.clone().map(Arc::new);
     let hw_link_state = sh.link_state.clone();
@@ -202,7 +208,7 @@ fn spawn_hardware(cfg: &Config, broker: &Broker, sh: &Shared) -> Result<Option<S
         "hardware",
         &sh.root,
         move |t| async move {
-            hw.run(hw_tx, hw_rx, hw_store, hw_uplink, hw_link_state, t)
+            hw.run(hw_link, hw_store, hw_uplink, hw_dedup, hw_link_state, t)
                 .await
                 .map_err(|e| e.to_string())
         },
@@ -284,10 +290,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
     // ─── MQTT front (src/front/): device messages are stored before rumqttd sees them ───
     let front_on = cfg.broker.front_enabled();
     let front_token = root.child_token();
-    let front_rules = cfg
-        .uplink
-        .as_ref()
-        .map(|u| Arc::new(crate::front::Rules::new(u.clone())));
+    let front_rules = cfg.uplink.as_ref().map(|u| Arc::new(Rules::new(u.clone())));
     let durable = match (&front_rules, &store) {
         (Some(rules), Some((handle, _))) => Some(crate::front::Durable {
             uplink: rules.clone(),
@@ -295,8 +298,16 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         }),
         _ => None,
     };
-    let broker = Broker::start(&cfg.broker, &mut listeners, durable, front_token.clone())?;
-    crate::sources::hardware::set_intake_stores_local(!front_on);
+    let (front, broker) = if front_on {
+        let (front, internal) =
+            crate::front::start(&cfg.broker, &mut listeners, durable, front_token.clone())?;
+        let broker = Broker::start_behind(&cfg.broker, internal.v4, internal.v5, &mut listeners);
+        (Some(front), broker)
+    } else {
+        (None, Broker::start(&cfg.broker, &mut listeners)?)
+    };
+    let device_listeners = crate::broker::ListenerSpec::of(&cfg.broker);
+    let front_counters = front.as_ref().map(crate::front::Front::counters);
     if !front_on {
         tracing::warn!("the MQTT front is off (broker.front): a device's PUBACK comes from the in-memory broker, before its message is on disk");
     }
@@ -332,6 +343,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         generation: 1,
         front_on,
         front_rules,
+        front_subscriptions: front.as_ref().map(crate::front::Front::subscriptions),
+        // With the front on, the front stores device messages and no local-link intake runs.
+        dedup: (!front_on).then(|| Arc::new(StoredReadings::new())),
     };
 
     let mut intake = spawn_intake(&cfg, &broker, &shared)?;
@@ -344,7 +358,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         Some(exit) = listeners.join_next() => {
             let e = match exit {
                 Ok(exit) => exit.into_error(),
-                Err(e) => BrokerError::ListenerFailed { addr: broker.listeners()[0].addr, what: "listener", reason: e.to_string() },
+                Err(e) => BrokerError::ListenerFailed { addr: device_listeners.first().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |l| l.addr), what: "listener", reason: e.to_string() },
             };
             return Err(e.into());
         }
@@ -364,8 +378,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         shared.forward_counters.clone(),
         link_state.clone(),
         shared.store.clone(),
-        broker.listeners().iter().map(|l| l.addr.port()).collect(),
-        broker.front_counters(),
+        device_listeners.iter().map(|l| l.addr.port()).collect(),
+        front_counters.clone(),
     ));
     crate::shared::registry::registry().retain_sensors(&configured_sensors(&cfg));
     for (kind, name) in configured_sensors(&cfg) {
@@ -470,7 +484,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
             Some(exit) = listeners.join_next() => {
                 let err = match exit {
                     Ok(exit) => exit.into_error(),
-                    Err(e) => BrokerError::ListenerFailed { addr: broker.listeners()[0].addr, what: "listener", reason: e.to_string() },
+                    Err(e) => BrokerError::ListenerFailed { addr: device_listeners.first().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |l| l.addr), what: "listener", reason: e.to_string() },
                 };
                 tracing::error!(error = %err, "a broker listener stopped; stopping the gateway");
                 failure = Some(err.into());
@@ -562,7 +576,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
         shared.forward_counters.forwarded.load(Ordering::Relaxed),
     );
     // ─── MQTT front: its totals at exit ───
-    if let Some(c) = broker.front_counters() {
+    if let Some(c) = &front_counters {
         let malformed: u64 = c.malformed().map(|(_, n)| n).sum();
         let refused: u64 = c.refused().map(|(_, n)| n).sum();
         tracing::info!(

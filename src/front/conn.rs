@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::packet::{self, ConnectError, Frame, Malformed};
 use super::rows::{Rows, RowsError, StoreEvent};
 use super::{props, Acl, Refusal, Shared, Subscriptions};
+use crate::intake::RuleSettings;
 use crate::shared::BoundedCache;
-use crate::sources::local::RuleSettings;
 use crate::store::Durability;
 
 /// Packets read from the device and not yet written to rumqttd: beyond this the front stops

@@ -47,6 +47,7 @@
 //! ends without DISCONNECT (the case where rumqttd publishes it).
 
 mod conn;
+mod listen;
 pub mod packet;
 pub mod props;
 mod rows;
@@ -62,9 +63,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{topic, BrokerConfig, UplinkConfig};
+use crate::config::{topic, BrokerConfig};
 use crate::store::StoreHandle;
 
+pub use listen::start;
 pub use packet::Malformed;
 pub use subs::Subscriptions;
 
@@ -92,40 +94,8 @@ pub struct Internal {
 #[derive(Clone)]
 pub struct Durable {
     /// The forward rules (replaced at SIGHUP).
-    pub uplink: Arc<Rules>,
+    pub uplink: Arc<crate::intake::Rules>,
     pub store: StoreHandle,
-}
-
-/// The uplink settings the front stores by, replaceable while connections run: each connection
-/// caches topic → rule and drops its cache when the generation changes.
-pub struct Rules {
-    generation: std::sync::atomic::AtomicU64,
-    uplink: std::sync::RwLock<Arc<UplinkConfig>>,
-}
-
-impl Rules {
-    pub fn new(uplink: UplinkConfig) -> Rules {
-        Rules {
-            generation: std::sync::atomic::AtomicU64::new(0),
-            uplink: std::sync::RwLock::new(Arc::new(uplink)),
-        }
-    }
-
-    pub fn get(&self) -> Arc<UplinkConfig> {
-        self.uplink
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    pub fn replace(&self, uplink: UplinkConfig) {
-        *self.uplink.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(uplink);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-    }
 }
 
 /// A configured user: password and topic ACLs.

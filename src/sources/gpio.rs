@@ -20,13 +20,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::hardware::Reading;
 use crate::codec::command::parse_switch;
 use crate::codec::payload::gpio_state;
 use crate::config::{EdgeKind, GpioInputConfig, GpioOutputConfig, SimStep};
 use crate::hw::clock::Clock;
 use crate::hw::gpio::{InputLine, OutputLine};
 use crate::hw::gpio_sim::SimGpio;
+use crate::intake::Reading;
 use crate::shared::LinkState;
 use crate::shared::{HardwareCounters, RateLimited};
 

@@ -1,22 +1,13 @@
 //! The hardware stage: GPIO inputs and outputs, serial ports, and the path their readings take.
 //!
-//! A reading is **committed to the store first** (when a forward rule matches its topic, with
+//! A reading is **committed to the store first** (through `intake::readings`, when a forward rule matches its topic, with
 //! that rule's priority/QoS/retain, `Durability::Now`, awaited) and **then** published into the
 //! local broker for local subscribers. Hardware therefore has no broker-side loss window.
 //!
-//! Double storage: the intake (`sources::local`) stores everything on forward topics that passes
-//! through the broker, so it would store every reading a second time. Before publishing a
-//! reading it stored, this stage registers it (a 64-bit keyed hash of topic and payload) in
-//! [`StoredReadings`]; the intake consumes the entry when the reading comes by and skips it
-//! ([`already_stored`]). The registry is bounded (oldest entries evicted) and costs the intake a
-//! single atomic load while it is empty (no hardware configured).
-//!
-//! Why not a marker on the message: an MQTT 5 user property was the first design, but rumqttd
-//! 0.20 panics (`unreachable!`) when it forwards a publish carrying properties to an MQTT 3.1.1
-//! subscriber, and a QoS 0 publish has no other field the router passes through untouched. A
-//! device that publishes byte-for-byte the same payload on the same topic within the same
-//! moment would have that one message skipped; readings carry a millisecond timestamp (all but
-//! `raw` serial frames), which makes this practically impossible.
+//! The rows are built and committed by the intake (`intake::readings`). With the MQTT front off,
+//! the local-link intake would store each reading a second time as it passes through the
+//! broker; readings stored here are registered in the [`StoredReadings`] `app` hands to both
+//! (see `intake::dedup`).
 //!
 //! Cloud commands: the forwarder's downlink publishes them into the local broker; this stage's
 //! local link subscribes to the outputs' command topics and hands them to `gpio::run_outputs`.
@@ -25,25 +16,24 @@
 //! states and confirm them, every reading still queued is committed and published, then the
 //! stage returns and the intake stops after it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
-use rumqttd::Notification;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::gpio::{self, GpioInput, GpioOutput};
+use crate::broker::LocalLink;
 use crate::config::{Config, UplinkConfig};
 use crate::hw::clock::{Clock, SystemClock};
 use crate::hw::gpio::Gpio;
 use crate::hw::HwError;
-use crate::shared::{HardwareCounters, LinkState, RateLimited};
-use crate::store::{Durability, NewMessage, StoreHandle};
+use crate::intake::Reading;
+use crate::intake::{ReadingStore, StoredReadings, MAX_BATCH};
+use crate::shared::{HardwareCounters, LinkState};
+use crate::store::StoreHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HardwareError {
@@ -59,115 +49,8 @@ pub enum HardwareError {
     LinkClosed(String),
 }
 
-/// Readings the hardware stage stored and published, waiting to be recognised by the intake.
-pub struct StoredReadings {
-    hasher: std::collections::hash_map::RandomState,
-    inner: std::sync::Mutex<StoredInner>,
-    len: std::sync::atomic::AtomicUsize,
-}
-
-#[derive(Default)]
-struct StoredInner {
-    counts: std::collections::HashMap<u64, u32>,
-    order: std::collections::VecDeque<u64>,
-}
-
-/// Entries kept at most: far more than can be in flight between our publish and the intake.
-const STORED_MAX: usize = 8192;
-
-impl StoredReadings {
-    fn global() -> &'static StoredReadings {
-        static S: OnceLock<StoredReadings> = OnceLock::new();
-        S.get_or_init(|| StoredReadings {
-            hasher: std::collections::hash_map::RandomState::new(),
-            inner: std::sync::Mutex::new(StoredInner::default()),
-            len: std::sync::atomic::AtomicUsize::new(0),
-        })
-    }
-
-    fn key(&self, topic: &[u8], payload: &[u8]) -> u64 {
-        use std::hash::{BuildHasher, Hash, Hasher};
-        let mut h = self.hasher.build_hasher();
-        topic.hash(&mut h);
-        payload.hash(&mut h);
-        h.finish()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, StoredInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn register(&self, topic: &[u8], payload: &[u8]) {
-        let k = self.key(topic, payload);
-        let mut s = self.lock();
-        *s.counts.entry(k).or_insert(0) += 1;
-        s.order.push_back(k);
-        while s.order.len() > STORED_MAX {
-            if let Some(old) = s.order.pop_front() {
-                consume(&mut s.counts, old);
-            }
-        }
-        self.len.store(s.order.len(), Ordering::Release);
-    }
-
-    fn take(&self, topic: &[u8], payload: &[u8]) -> bool {
-        if self.len.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        let k = self.key(topic, payload);
-        let mut s = self.lock();
-        if !consume(&mut s.counts, k) {
-            return false;
-        }
-        if let Some(i) = s.order.iter().position(|x| *x == k) {
-            s.order.remove(i);
-        }
-        self.len.store(s.order.len(), Ordering::Release);
-        true
-    }
-}
-
-fn consume(counts: &mut std::collections::HashMap<u64, u32>, k: u64) -> bool {
-    match counts.get_mut(&k) {
-        Some(n) if *n > 1 => {
-            *n -= 1;
-            true
-        }
-        Some(_) => {
-            counts.remove(&k);
-            true
-        }
-        None => false,
-    }
-}
-
-/// Whether a local-link intake stores what passes through the broker (the MQTT front off).
-/// With the front on there is no such intake, and nothing needs to recognise our readings.
-static INTAKE_STORES_LOCAL: AtomicBool = AtomicBool::new(true);
-
-/// Tells the hardware stage whether a local-link intake runs (see [`already_stored`]).
-pub fn set_intake_stores_local(on: bool) {
-    INTAKE_STORES_LOCAL.store(on, Ordering::Relaxed);
-}
-
-/// Whether a message arriving through the broker is a reading the hardware stage already stored
-/// (the intake must then not store it again). Consumes the registration.
-pub fn already_stored(topic: &[u8], payload: &[u8]) -> bool {
-    StoredReadings::global().take(topic, payload)
-}
-
-/// A reading or state confirmation on its way to the store and the local broker.
-#[derive(Debug, Clone)]
-pub struct Reading {
-    pub topic: String,
-    pub payload: Bytes,
-    pub retain: bool,
-}
-
 /// Readings waiting for the store; senders wait when it is full.
 const READINGS_CAPACITY: usize = 1024;
-/// Most readings committed in one append.
-const MAX_BATCH: usize = 256;
 
 /// The configured hardware with its GPIO lines open (so a wrong pin fails the start, not later).
 pub struct Hardware {
@@ -249,19 +132,21 @@ impl Hardware {
 
     /// Runs until `cancel`, then shuts down in order (see the module doc). `store` and `uplink`
     /// are `None` without an uplink: readings are then only published locally.
+    /// `dedup` is `Some` when a local-link intake runs (the front off): readings stored here are
+    /// registered there so that intake does not store them again.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         self,
-        mut link_tx: LinkTx,
-        link_rx: LinkRx,
+        mut link: LocalLink,
         store: Option<StoreHandle>,
         uplink: Option<Arc<UplinkConfig>>,
+        dedup: Option<Arc<StoredReadings>>,
         link_state: watch::Receiver<LinkState>,
         cancel: CancellationToken,
     ) -> Result<(), HardwareError> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         for topic in self.command_topics() {
-            link_tx
-                .subscribe(topic)
+            link.subscribe(&topic)
                 .map_err(|e| HardwareError::LinkClosed(e.to_string()))?;
         }
         let (readings_tx, readings_rx) = mpsc::channel::<Reading>(READINGS_CAPACITY);
@@ -274,13 +159,11 @@ impl Hardware {
             super::modbus::route_commands(commands_rx, &self.cfg.modbus);
         // ─── end Modbus and 1-Wire ───
 
-        let mut link_task = tokio::spawn(drive_link(link_tx, link_rx, publish_rx, commands_tx));
+        let mut link_task = tokio::spawn(drive_link(link, publish_rx, commands_tx, dedup));
         let emitter = tokio::spawn(emit(
             readings_rx,
-            store,
-            uplink,
+            ReadingStore::new(store, uplink, self.counters.clone()),
             publish_tx,
-            self.counters.clone(),
         ));
 
         let sources = cancel.child_token();
@@ -370,15 +253,12 @@ impl Hardware {
     }
 }
 
-/// Store first (when forwarded), then hand to the link for local publishing.
+/// Store first (when forwarded, through the intake), then hand to the link for local publishing.
 async fn emit(
     mut rx: mpsc::Receiver<Reading>,
-    store: Option<StoreHandle>,
-    uplink: Option<Arc<UplinkConfig>>,
+    mut intake: ReadingStore,
     publish: mpsc::Sender<(Reading, bool)>,
-    counters: Arc<HardwareCounters>,
 ) {
-    let mut failures = RateLimited::new(Duration::from_secs(10));
     let mut batch: Vec<Reading> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -388,63 +268,7 @@ async fn emit(
                 Err(_) => break,
             }
         }
-        counters
-            .readings
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let now = crate::shared::now_ms();
-        let mut stored = vec![false; batch.len()];
-        let rows: Vec<NewMessage> = match (&store, &uplink) {
-            (Some(_), Some(up)) => batch
-                .iter()
-                .zip(stored.iter_mut())
-                .filter_map(|(r, s)| {
-                    let (_, rule) = up.match_rule(&r.topic)?;
-                    *s = true;
-                    Some(NewMessage {
-                        topic: r.topic.clone(),
-                        payload: r.payload.clone(),
-                        qos: rule.qos,
-                        retain: rule.retain,
-                        priority: rule.priority,
-                        created_ms: now,
-                    })
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        if let (Some(store), false) = (&store, rows.is_empty()) {
-            let n = rows.len() as u64;
-            match store.append(rows, Durability::Now).await {
-                Ok(out) => {
-                    counters
-                        .stored
-                        .fetch_add(out.stored as u64, Ordering::Relaxed);
-                    if let Some(reason) = out.refusal() {
-                        // Counted as dropped by the store; not marked as stored, so the
-                        // local-link intake (front off) does not skip them either.
-                        let mut left = out.stored;
-                        for s in stored.iter_mut().filter(|s| **s) {
-                            if left == 0 {
-                                *s = false;
-                            } else {
-                                left -= 1;
-                            }
-                        }
-                        if failures.allow() {
-                            tracing::warn!(reason = reason.name(), refused = n - out.stored as u64, "hardware readings refused by the store (counted as dropped); they are published locally only");
-                        }
-                    }
-                }
-                Err(e) => {
-                    counters.store_failed.fetch_add(n, Ordering::Relaxed);
-                    // Not marked as stored: if the intake can store them, it will.
-                    stored.iter_mut().for_each(|s| *s = false);
-                    if failures.allow() {
-                        tracing::error!(error = %e, readings = n, "hardware readings could not be stored; they are published locally only");
-                    }
-                }
-            }
-        }
+        let stored = intake.store(&batch).await;
         for pair in batch.drain(..).zip(stored) {
             if publish.send(pair).await.is_err() {
                 return;
@@ -457,71 +281,34 @@ async fn emit(
 /// command topics to the outputs, and re-arms the link after `Unschedule` (rumqttd stops serving
 /// a local link that is not woken).
 async fn drive_link(
-    mut tx: LinkTx,
-    mut rx: LinkRx,
+    mut link: LocalLink,
     mut publish: mpsc::Receiver<(Reading, bool)>,
     commands: mpsc::Sender<(String, Bytes, bool)>,
+    dedup: Option<Arc<StoredReadings>>,
 ) -> Result<(), HardwareError> {
     loop {
         tokio::select! {
             r = publish.recv() => {
                 let Some((r, stored)) = r else { return Ok(()) };
-                if stored && INTAKE_STORES_LOCAL.load(Ordering::Relaxed) {
+                if let (true, Some(dedup)) = (stored, &dedup) {
                     // Registered just before it enters the broker, so the intake knows it.
-                    StoredReadings::global().register(r.topic.as_bytes(), &r.payload);
+                    dedup.register(r.topic.as_bytes(), &r.payload);
                 }
-                let p = Publish::new(Bytes::from(r.topic), r.payload, r.retain);
-                tx.send(Packet::Publish(p, None))
+                link.publish(Bytes::from(r.topic), r.payload, r.retain)
                     .await
                     .map_err(|e| HardwareError::LinkClosed(e.to_string()))?;
             }
-            n = rx.next() => match n {
-                Ok(Some(Notification::Forward(f))) => {
-                    let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
-                    // Commands beyond 64 waiting are dropped: an actuator flooded with commands
-                    // is better off taking the latest ones later than queueing without bound.
-                    // The retain flag: a retained Modbus command is never written (see
-                    // sources::modbus::route_commands).
-                    if commands.try_send((topic, f.publish.payload, f.publish.retain)).is_err() {
-                        tracing::warn!("GPIO output commands arrive faster than they are applied; one was dropped");
-                    }
+            d = link.next() => {
+                let d = d.map_err(|e| HardwareError::LinkClosed(e.to_string()))?;
+                let topic = String::from_utf8_lossy(&d.topic).into_owned();
+                // Commands beyond 64 waiting are dropped: an actuator flooded with commands
+                // is better off taking the latest ones later than queueing without bound.
+                // The retain flag: a retained Modbus command is never written (see
+                // sources::modbus::route_commands).
+                if commands.try_send((topic, d.payload, d.retain)).is_err() {
+                    tracing::warn!("GPIO output commands arrive faster than they are applied; one was dropped");
                 }
-                Ok(Some(Notification::Unschedule)) => {
-                    rx.wake().await.map_err(|e| HardwareError::LinkClosed(e.to_string()))?;
-                }
-                Ok(_) => {}
-                Err(e) => return Err(HardwareError::LinkClosed(e.to_string())),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_registered_reading_is_recognised_once_others_never_and_the_oldest_are_forgotten() {
-        let s = StoredReadings::global();
-        assert!(!already_stored(b"sensors/x", b"1"));
-        s.register(b"sensors/x", b"1");
-        s.register(b"sensors/x", b"1");
-        assert!(!already_stored(b"sensors/x", b"2"));
-        assert!(!already_stored(b"sensors/y", b"1"));
-        assert!(already_stored(b"sensors/x", b"1"));
-        assert!(already_stored(b"sensors/x", b"1"));
-        assert!(!already_stored(b"sensors/x", b"1"));
-
-        // Bounded: beyond STORED_MAX entries the oldest are forgotten. (One test: the registry
-        // is process-global, and parallel tests would evict each other's entries.)
-        s.register(b"bound/first", b"x");
-        for i in 0..STORED_MAX {
-            s.register(b"bound/many", i.to_string().as_bytes());
-        }
-        assert!(!already_stored(b"bound/first", b"x"));
-        assert!(already_stored(
-            b"bound/many",
-            (STORED_MAX - 1).to_string().as_bytes()
-        ));
     }
 }

@@ -1,10 +1,9 @@
-//! Sources turn input into messages for the store: the embedded broker's subscription on the
-//! forward filters (`local`), and the hardware adapters (`hardware` runs `gpio`, `serial`,
-//! `modbus` and `onewire`).
+//! Sources turn hardware input into readings: `hardware` runs `gpio`, `serial`, `modbus` and
+//! `onewire`, and hands each reading to the intake (`crate::intake::readings`), which stores it
+//! before the stage publishes it locally.
 
 pub mod gpio;
 pub mod hardware;
-pub mod local;
 pub mod modbus;
 pub mod onewire;
 pub mod serial;

@@ -40,7 +40,6 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::hardware::Reading;
 use crate::codec::command::parse_switch;
 use crate::codec::modbus::{
     self as mb, FrameError, Mbap, Request, Response, RtuDecoder, RtuTiming, Silence, Span, Table,
@@ -53,6 +52,7 @@ use crate::config::modbus::{
 use crate::config::Config;
 use crate::hw::clock::Clock;
 use crate::hw::serial::SerialPort;
+use crate::intake::Reading;
 use crate::shared::registry::{registry, Sensor};
 use crate::shared::RateLimited;
 

@@ -23,11 +23,11 @@ use serde_json::Map;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::hardware::Reading;
 use crate::codec::payload;
 use crate::codec::w1::{self, W1Error};
 use crate::config::modbus::{onewire_topic_of, OnewireConfig};
 use crate::hw::clock::Clock;
+use crate::intake::Reading;
 use crate::shared::registry::registry;
 
 /// What one read of a probe gave.

@@ -14,13 +14,13 @@ use tokio::sync::mpsc;
 use tokio::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use super::hardware::Reading;
 use crate::codec::format::{decode, Decoded, Format};
 use crate::codec::frame::{Delimiter, Framer};
 use crate::codec::payload;
 use crate::config::{SerialFormat, SerialPortConfig};
 use crate::hw::clock::Clock;
 use crate::hw::serial;
+use crate::intake::Reading;
 use crate::shared::{HardwareCounters, RateLimited};
 
 /// How often a bad-frame summary is logged per port at most (the first of each reason is logged

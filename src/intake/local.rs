@@ -1,22 +1,22 @@
-//! Intake from the embedded broker: a local link subscribed to the forward filters.
+//! The local-link intake (only with the MQTT front off): a local link subscribed to the forward
+//! filters stores what devices publish through the embedded broker.
 //!
 //! rumqttd PUBACKs a device when the message reaches its in-memory log, *before* this task sees
 //! it; until the message is committed (within `store.commit_interval` plus the commit itself) a
 //! crash can lose it. That window is stated in the README with its measured size.
-//!
-//! The link must be re-armed with `wake()` after `Notification::Unschedule`, or rumqttd silently
-//! stops delivering to it after ~200 messages while devices keep getting PUBACKs.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::Notification;
 use tokio_util::sync::CancellationToken;
 
+use super::dedup::StoredReadings;
+use super::rules::RuleSettings;
+use super::MAX_BATCH;
+use crate::broker::{Delivery, LocalLink};
 use crate::config::UplinkConfig;
-use crate::shared::{now_ms, BoundedCache, IntakeCounters, RateLimited};
+use crate::shared::{BoundedCache, IntakeCounters, RateLimited};
 use crate::store::{Durability, NewMessage, PendingCommit, StoreHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,10 +31,9 @@ pub struct LocalIntake {
     pub uplink: Arc<UplinkConfig>,
     pub store: StoreHandle,
     pub counters: Arc<IntakeCounters>,
+    /// Hardware readings already stored by their own stage, to be skipped here.
+    pub dedup: Arc<StoredReadings>,
 }
-
-/// Most messages handed to the store in one append.
-const MAX_BATCH: usize = 1000;
 /// Longest a message waits in the intake's batch (the store's own commit_interval is longer).
 const BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// Most rows handed to the store and not yet committed (~10 MB of 100-byte messages): a burst
@@ -44,10 +43,9 @@ const MAX_OUTSTANDING_ROWS: usize = 64_000;
 impl LocalIntake {
     /// Subscribes the link to the forward filters. Done before the listeners report ready so no
     /// device message on a forwarded topic can arrive before the subscription exists.
-    pub fn subscribe(&self, link_tx: &mut LinkTx) -> Result<(), IntakeError> {
+    pub fn subscribe(&self, link: &mut LocalLink) -> Result<(), IntakeError> {
         for filter in self.uplink.local_subscriptions() {
-            link_tx
-                .subscribe(filter.clone())
+            link.subscribe(&filter)
                 .map_err(|e| IntakeError::LinkClosed(e.to_string()))?;
             tracing::debug!(%filter, "intake subscribed");
         }
@@ -56,8 +54,7 @@ impl LocalIntake {
 
     pub async fn run(
         self,
-        _link_tx: LinkTx,
-        mut link_rx: LinkRx,
+        mut link: LocalLink,
         cancel: CancellationToken,
     ) -> Result<(), IntakeError> {
         let mut batch: Vec<NewMessage> = Vec::with_capacity(MAX_BATCH);
@@ -65,6 +62,7 @@ impl LocalIntake {
         let mut outstanding = 0usize;
         let mut routes = Routes::new(&self.uplink);
         let mut batch_started = tokio::time::Instant::now();
+        let mut rearmed = 0u64;
         loop {
             // Bounded memory: with this many rows handed to the store and not yet committed,
             // wait for the oldest append. Only then does the link back up into rumqttd's
@@ -79,18 +77,13 @@ impl LocalIntake {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                n = link_rx.next() => match n {
-                    Ok(Some(Notification::Forward(fwd))) => {
-                        self.accept(&mut routes, fwd, &mut batch);
+                d = link.next() => match d {
+                    Ok(d) => {
+                        self.accept(&mut routes, d, &mut batch);
                         if batch.len() >= MAX_BATCH {
                             self.flush(&mut batch, &mut pending, &mut outstanding);
                         }
                     }
-                    Ok(Some(Notification::Unschedule)) => {
-                        self.counters.rearmed.fetch_add(1, Ordering::Relaxed);
-                        link_rx.wake().await.map_err(|e| IntakeError::LinkClosed(e.to_string()))?;
-                    }
-                    Ok(Some(_)) | Ok(None) => {}
                     Err(e) => {
                         self.flush(&mut batch, &mut pending, &mut outstanding);
                         return Err(IntakeError::LinkClosed(e.to_string()));
@@ -107,14 +100,19 @@ impl LocalIntake {
             if batch.len() == 1 {
                 batch_started = tokio::time::Instant::now();
             }
+            if link.rearmed() > rearmed {
+                self.counters
+                    .rearmed
+                    .fetch_add(link.rearmed() - rearmed, Ordering::Relaxed);
+                rearmed = link.rearmed();
+            }
         }
         // Shutdown: take what rumqttd already delivered to us, then hand it to the store.
-        while let Ok(Ok(Some(n))) =
-            tokio::time::timeout(std::time::Duration::from_millis(50), link_rx.next()).await
+        for d in link
+            .drain(std::time::Duration::from_millis(50), MAX_OUTSTANDING_ROWS)
+            .await
         {
-            if let Notification::Forward(fwd) = n {
-                self.accept(&mut routes, fwd, &mut batch);
-            }
+            self.accept(&mut routes, d, &mut batch);
         }
         self.flush(&mut batch, &mut pending, &mut outstanding);
         // Wait for the store to take all of it before the store itself is closed.
@@ -124,19 +122,18 @@ impl LocalIntake {
         Ok(())
     }
 
-    fn accept(&self, routes: &mut Routes, fwd: rumqttd::Forward, batch: &mut Vec<NewMessage>) {
+    fn accept(&self, routes: &mut Routes, publish: Delivery, batch: &mut Vec<NewMessage>) {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let publish = fwd.publish;
         let Some(route) = routes.lookup(&publish.topic, &self.uplink) else {
             self.counters.bad_topic.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if let (Some(sub), Some((_, offset))) = (route.subscription, fwd.cursor) {
+        if let (Some(sub), Some(offset)) = (route.subscription, publish.offset) {
             routes.observe_offset(sub, offset, &self.counters);
         }
         // Hardware readings are committed by the hardware stage before it publishes them, and
         // marked so; storing them again here would forward each one twice.
-        if crate::sources::hardware::already_stored(&publish.topic, &publish.payload) {
+        if self.dedup.take(&publish.topic, &publish.payload) {
             return;
         }
         let Some(rule) = route.rule else {
@@ -178,38 +175,6 @@ struct Route {
     rule: Option<RuleSettings>,
     /// Index of the intake subscription (filter) this topic arrives through.
     subscription: Option<usize>,
-}
-
-/// What a forward rule makes of a local message: the store row's settings. Shared by this
-/// intake and the front (`crate::front`), so both queue identical rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RuleSettings {
-    priority: u8,
-    qos: u8,
-    retain: bool,
-}
-
-impl RuleSettings {
-    /// The settings of the first forward rule matching `topic`, if any.
-    pub fn for_topic(uplink: &UplinkConfig, topic: &str) -> Option<RuleSettings> {
-        uplink.match_rule(topic).map(|(_, r)| RuleSettings {
-            priority: r.priority,
-            qos: r.qos,
-            retain: r.retain,
-        })
-    }
-
-    /// The store row for a message on `topic`, received now.
-    pub fn row(&self, topic: String, payload: bytes::Bytes) -> NewMessage {
-        NewMessage {
-            priority: self.priority,
-            qos: self.qos,
-            retain: self.retain,
-            topic,
-            payload,
-            created_ms: now_ms(),
-        }
-    }
 }
 
 /// Topic → route cache, and the rumqttd log offsets seen per subscription.
