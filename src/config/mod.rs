@@ -4,6 +4,7 @@
 //!   uses to read them (endpoint, rule matching, topic templates),
 //! - `units`: human durations and sizes,
 //! - `load`: read + parse (errors carry file, line, column and field path) + resolve secrets,
+//! - `problem`: `Problem`, one thing wrong (field path, line, message), shared by load and checks,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //! - `topic`: MQTT topic/filter rules shared by validation and the data path,
@@ -13,6 +14,7 @@
 
 mod load;
 pub mod modbus;
+mod problem;
 pub mod topic;
 mod types;
 mod units;
@@ -22,7 +24,8 @@ use std::fmt;
 
 use serde::Deserialize;
 
-pub use load::{load, load_offline, load_str, ConfigError, Problem};
+pub use load::{load, load_offline, load_str, ConfigError};
+pub use problem::Problem;
 pub use types::*;
 pub use units::{ByteSize, HumanDuration};
 pub use validate::{check_files, validate};

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use super::load::Problem;
+use super::problem::Problem;
 use super::types::{Config, Parity};
 use super::units::HumanDuration;
 use crate::codec::modbus::{self as mb, Order, Table, ValueType};

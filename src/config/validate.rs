@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::load::Problem;
+use super::problem::Problem;
 use super::topic;
 use super::types::{BrokerConfig, Config, GpioBackendKind, SerialFormat, UplinkConfig};
 
