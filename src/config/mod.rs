@@ -7,8 +7,9 @@
 //! - `problem`: `Problem`, one thing wrong (field path, line, message), shared by load and checks,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
+//!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
 //! - `topic`: MQTT topic/filter rules shared by validation and the data path,
-//! - `modbus`: the `modbus:` and `onewire:` sections and their checks.
+//! - `modbus`: the `modbus:` and `onewire:` sections (their checks are in `validate/modbus.rs`).
 //!
 //! The YAML crate is used only inside `load` (and tests), so it can be swapped.
 
