@@ -5,6 +5,7 @@
 //! - `units`: human durations and sizes,
 //! - `load`: read + parse (errors carry file, line, column and field path) + resolve secrets,
 //! - `problem`: `Problem`, one thing wrong (field path, line, message), shared by load and checks,
+//! - `serial`: serial sensors and `Parity`, the line setting shared with Modbus RTU,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -16,6 +17,7 @@
 mod load;
 pub mod modbus;
 mod problem;
+mod serial;
 pub mod topic;
 mod types;
 mod units;
@@ -27,6 +29,9 @@ use serde::Deserialize;
 
 pub use load::{load, load_offline, load_str, ConfigError};
 pub use problem::Problem;
+pub use serial::{
+    FlowControl, Parity, PollConfig, SerialConfig, SerialFormat, SerialPortConfig, SerialSimConfig,
+};
 pub use types::*;
 pub use units::{ByteSize, HumanDuration};
 pub use validate::{check_files, validate};

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use super::types::Parity;
+use super::serial::Parity;
 use super::units::HumanDuration;
 use crate::codec::modbus::{self as mb, Order, Table, ValueType};
 

@@ -532,7 +532,7 @@ fn check_point_type(point: &ModbusPointConfig, f: &str, add: &mut dyn FnMut(Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::types::Parity;
+    use crate::config::serial::Parity;
 
     fn problems(extra: &str) -> Vec<Problem> {
         let yaml = format!("gateway: {{id: gw}}\n{extra}");
