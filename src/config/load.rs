@@ -15,9 +15,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::problem::Problem;
-use super::types::SecretSource;
+use super::secret::{Secret, SecretSource};
+use super::types::Config;
 use super::validate::{check_files, validate};
-use super::{Config, Secret};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

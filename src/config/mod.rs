@@ -6,6 +6,7 @@
 //! - `load`: read + parse (errors carry file, line, column and field path) + resolve secrets,
 //! - `problem`: `Problem`, one thing wrong (field path, line, message), shared by load and checks,
 //! - `serial`: serial sensors and `Parity`, the line setting shared with Modbus RTU,
+//! - `secret`: `Secret` (never printed) and `SecretSource` (inline, file or environment),
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -17,18 +18,16 @@
 mod load;
 pub mod modbus;
 mod problem;
+mod secret;
 mod serial;
 pub mod topic;
 mod types;
 mod units;
 mod validate;
 
-use std::fmt;
-
-use serde::Deserialize;
-
 pub use load::{load, load_offline, load_str, ConfigError};
 pub use problem::Problem;
+pub use secret::{Secret, SecretSource};
 pub use serial::{
     FlowControl, Parity, PollConfig, SerialConfig, SerialFormat, SerialPortConfig, SerialSimConfig,
 };
@@ -38,30 +37,3 @@ pub use validate::{check_files, validate};
 
 /// Exit code for a configuration error (EX_CONFIG from sysexits.h).
 pub const EXIT_CONFIG: i32 = 78;
-
-/// A secret string: never printed by Debug or Display.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    /// The only way to read the secret; grep for it when auditing.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("**REDACTED**")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("**REDACTED**")
-    }
-}

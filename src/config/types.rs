@@ -10,9 +10,10 @@ use std::path::PathBuf;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+use super::secret::{Secret, SecretSource};
 use super::serial::SerialConfig;
+use super::topic;
 use super::units::{ByteSize, HumanDuration};
-use super::{topic, Secret};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,21 +272,6 @@ pub struct UserConfig {
     pub subscribe: Option<Vec<String>>,
 }
 
-/// Where a secret comes from: inline, a file (whole content, trailing newline trimmed) or an
-/// environment variable. At most one may be given; `load` resolves it into `resolved`.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct SecretSource {
-    #[serde(default)]
-    pub password: Option<Secret>,
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    #[serde(default)]
-    pub password_env: Option<String>,
-    /// Filled by `load` from whichever source was given.
-    #[serde(skip)]
-    pub resolved: Option<Secret>,
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Protocol {
     /// MQTT 3.1.1 (protocol level 4).
@@ -293,17 +279,6 @@ pub enum Protocol {
     V4,
     /// MQTT 5.
     V5,
-}
-
-impl SecretSource {
-    /// Whether any of `password`, `password_file`, `password_env` was given.
-    pub fn is_given(&self) -> bool {
-        self.password.is_some() || self.password_file.is_some() || self.password_env.is_some()
-    }
-    /// The secret after `load` resolved it (None when no source was given).
-    pub fn secret(&self) -> Option<&Secret> {
-        self.resolved.as_ref()
-    }
 }
 
 impl Protocol {
