@@ -7,6 +7,7 @@
 //! - `problem`: `Problem`, one thing wrong (field path, line, message), shared by load and checks,
 //! - `serial`: serial sensors and `Parity`, the line setting shared with Modbus RTU,
 //! - `secret`: `Secret` (never printed) and `SecretSource` (inline, file or environment),
+//! - `gpio`: GPIO inputs and outputs,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -15,6 +16,7 @@
 //!
 //! The YAML crate is used only inside `load` (and tests), so it can be swapped.
 
+mod gpio;
 mod load;
 pub mod modbus;
 mod problem;
@@ -25,6 +27,10 @@ mod types;
 mod units;
 mod validate;
 
+pub use gpio::{
+    EdgeKind, GpioBackendKind, GpioConfig, GpioInputConfig, GpioOutputConfig, PinSpec, Pull,
+    SimStep, Switch,
+};
 pub use load::{load, load_offline, load_str, ConfigError};
 pub use problem::Problem;
 pub use secret::{Secret, SecretSource};
