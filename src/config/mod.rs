@@ -8,6 +8,7 @@
 //! - `serial`: serial sensors and `Parity`, the line setting shared with Modbus RTU,
 //! - `secret`: `Secret` (never printed) and `SecretSource` (inline, file or environment),
 //! - `gpio`: GPIO inputs and outputs,
+//! - `store`: the on-disk buffer,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -22,6 +23,7 @@ pub mod modbus;
 mod problem;
 mod secret;
 mod serial;
+mod store;
 pub mod topic;
 mod types;
 mod units;
@@ -37,6 +39,7 @@ pub use secret::{Secret, SecretSource};
 pub use serial::{
     FlowControl, Parity, PollConfig, SerialConfig, SerialFormat, SerialPortConfig, SerialSimConfig,
 };
+pub use store::{StoreConfig, SyncMode, WhenFull};
 pub use types::*;
 pub use units::{ByteSize, HumanDuration};
 pub use validate::{check_files, validate};
