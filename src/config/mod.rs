@@ -9,6 +9,7 @@
 //! - `secret`: `Secret` (never printed) and `SecretSource` (inline, file or environment),
 //! - `gpio`: GPIO inputs and outputs,
 //! - `store`: the on-disk buffer,
+//! - `protocol`: `Protocol`, the MQTT version of a listener or the uplink,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -21,6 +22,7 @@ mod gpio;
 mod load;
 pub mod modbus;
 mod problem;
+mod protocol;
 mod secret;
 mod serial;
 mod store;
@@ -35,6 +37,7 @@ pub use gpio::{
 };
 pub use load::{load, load_offline, load_str, ConfigError};
 pub use problem::Problem;
+pub use protocol::Protocol;
 pub use secret::{Secret, SecretSource};
 pub use serial::{
     FlowControl, Parity, PollConfig, SerialConfig, SerialFormat, SerialPortConfig, SerialSimConfig,
