@@ -10,6 +10,7 @@
 //! - `gpio`: GPIO inputs and outputs,
 //! - `store`: the on-disk buffer,
 //! - `protocol`: `Protocol`, the MQTT version of a listener or the uplink,
+//! - `broker`: the local listeners, users and router limits,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -18,6 +19,7 @@
 //!
 //! The YAML crate is used only inside `load` (and tests), so it can be swapped.
 
+mod broker;
 mod gpio;
 mod load;
 pub mod modbus;
@@ -31,6 +33,7 @@ mod types;
 mod units;
 mod validate;
 
+pub use broker::{BrokerConfig, BrokerTlsConfig, UserConfig, WebsocketConfig};
 pub use gpio::{
     EdgeKind, GpioBackendKind, GpioConfig, GpioInputConfig, GpioOutputConfig, PinSpec, Pull,
     SimStep, Switch,

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 mod modbus;
 
+use crate::config::broker::BrokerConfig;
 use crate::config::gpio::GpioBackendKind;
 use crate::config::problem::Problem;
 use crate::config::protocol::Protocol;
 use crate::config::serial::SerialFormat;
 use crate::config::topic;
-use crate::config::types::{BrokerConfig, Config, UplinkConfig};
+use crate::config::types::{Config, UplinkConfig};
 
 /// Smallest rumqttd log segment we accept: smaller ones make the router rotate constantly.
 const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
