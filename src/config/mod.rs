@@ -11,6 +11,7 @@
 //! - `store`: the on-disk buffer,
 //! - `protocol`: `Protocol`, the MQTT version of a listener or the uplink,
 //! - `broker`: the local listeners, users and router limits,
+//! - `url`: the uplink URL parser (`Endpoint`),
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -31,6 +32,7 @@ mod store;
 pub mod topic;
 mod types;
 mod units;
+mod url;
 mod validate;
 
 pub use broker::{BrokerConfig, BrokerTlsConfig, UserConfig, WebsocketConfig};
@@ -48,6 +50,7 @@ pub use serial::{
 pub use store::{StoreConfig, SyncMode, WhenFull};
 pub use types::*;
 pub use units::{ByteSize, HumanDuration};
+pub use url::Endpoint;
 pub use validate::{check_files, validate};
 
 /// Exit code for a configuration error (EX_CONFIG from sysexits.h).
