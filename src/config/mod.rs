@@ -12,6 +12,7 @@
 //! - `protocol`: `Protocol`, the MQTT version of a listener or the uplink,
 //! - `broker`: the local listeners, users and router limits,
 //! - `url`: the uplink URL parser (`Endpoint`),
+//! - `forward`: forward and downlink rules and rule matching,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -21,6 +22,7 @@
 //! The YAML crate is used only inside `load` (and tests), so it can be swapped.
 
 mod broker;
+mod forward;
 mod gpio;
 mod load;
 pub mod modbus;
@@ -36,6 +38,7 @@ mod url;
 mod validate;
 
 pub use broker::{BrokerConfig, BrokerTlsConfig, UserConfig, WebsocketConfig};
+pub use forward::{DownlinkRule, ForwardRule};
 pub use gpio::{
     EdgeKind, GpioBackendKind, GpioConfig, GpioInputConfig, GpioOutputConfig, PinSpec, Pull,
     SimStep, Switch,
