@@ -158,7 +158,7 @@ pub(super) fn local_subscriptions(rules: &[ForwardRule]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::types::UplinkConfig;
+    use crate::config::uplink::UplinkConfig;
 
     fn uplink(yaml: &str) -> UplinkConfig {
         serde_yaml::from_str(yaml).expect("test uplink parses")

@@ -13,6 +13,7 @@
 //! - `broker`: the local listeners, users and router limits,
 //! - `url`: the uplink URL parser (`Endpoint`),
 //! - `forward`: forward and downlink rules and rule matching,
+//! - `uplink`: the upstream broker connection,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -34,6 +35,7 @@ mod store;
 pub mod topic;
 mod types;
 mod units;
+mod uplink;
 mod url;
 mod validate;
 
@@ -53,6 +55,7 @@ pub use serial::{
 pub use store::{StoreConfig, SyncMode, WhenFull};
 pub use types::*;
 pub use units::{ByteSize, HumanDuration};
+pub use uplink::{UplinkConfig, UplinkTlsConfig};
 pub use url::Endpoint;
 pub use validate::{check_files, validate};
 

@@ -16,7 +16,8 @@ use crate::config::problem::Problem;
 use crate::config::protocol::Protocol;
 use crate::config::serial::SerialFormat;
 use crate::config::topic;
-use crate::config::types::{Config, UplinkConfig};
+use crate::config::types::Config;
+use crate::config::uplink::UplinkConfig;
 
 /// Smallest rumqttd log segment we accept: smaller ones make the router rotate constantly.
 const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
