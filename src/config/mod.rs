@@ -14,6 +14,7 @@
 //! - `url`: the uplink URL parser (`Endpoint`),
 //! - `forward`: forward and downlink rules and rule matching,
 //! - `uplink`: the upstream broker connection,
+//! - `ops`: log, status socket and stats, metrics, Home Assistant discovery,
 //! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
 //!   separate check that referenced certificates, keys and password files can be opened,
 //!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
@@ -27,6 +28,7 @@ mod forward;
 mod gpio;
 mod load;
 pub mod modbus;
+mod ops;
 mod problem;
 mod protocol;
 mod secret;
@@ -46,6 +48,7 @@ pub use gpio::{
     SimStep, Switch,
 };
 pub use load::{load, load_offline, load_str, ConfigError};
+pub use ops::{HomeAssistantConfig, LogConfig, LogFormat, MetricsConfig, StatusConfig};
 pub use problem::Problem;
 pub use protocol::Protocol;
 pub use secret::{Secret, SecretSource};
