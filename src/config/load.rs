@@ -15,8 +15,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::problem::Problem;
+use super::root::Config;
 use super::secret::{Secret, SecretSource};
-use super::types::Config;
 use super::validate::{check_files, validate};
 
 #[derive(Debug, thiserror::Error)]

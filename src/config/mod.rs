@@ -1,27 +1,30 @@
 //! Configuration: one YAML file.
 //!
-//! - `types`: the serde structs (every one `deny_unknown_fields`) and the helpers the runtime
-//!   uses to read them (endpoint, rule matching, topic templates),
-//! - `units`: human durations and sizes,
-//! - `load`: read + parse (errors carry file, line, column and field path) + resolve secrets,
-//! - `problem`: `Problem`, one thing wrong (field path, line, message), shared by load and checks,
-//! - `serial`: serial sensors and `Parity`, the line setting shared with Modbus RTU,
-//! - `secret`: `Secret` (never printed) and `SecretSource` (inline, file or environment),
-//! - `gpio`: GPIO inputs and outputs,
-//! - `store`: the on-disk buffer,
-//! - `protocol`: `Protocol`, the MQTT version of a listener or the uplink,
+//! The serde structs (every one `deny_unknown_fields`), one file per section:
+//! - `root`: `Config`, the whole file, and the `gateway:` section,
 //! - `broker`: the local listeners, users and router limits,
-//! - `url`: the uplink URL parser (`Endpoint`),
-//! - `forward`: forward and downlink rules and rule matching,
-//! - `uplink`: the upstream broker connection,
+//! - `store`: the on-disk buffer,
+//! - `uplink`: the upstream broker connection; `url`: its URL parser (`Endpoint`); `forward`:
+//!   forward and downlink rules and rule matching,
+//! - `gpio`: GPIO inputs and outputs; `serial`: serial sensors and `Parity`, the line setting
+//!   shared with Modbus RTU; `modbus` (public): the `modbus:` and `onewire:` sections,
 //! - `ops`: log, status socket and stats, metrics, Home Assistant discovery,
-//! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
-//!   separate check that referenced certificates, keys and password files can be opened,
-//!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
-//! - `topic`: MQTT topic/filter rules shared by validation and the data path,
-//! - `modbus`: the `modbus:` and `onewire:` sections (their checks are in `validate/modbus.rs`).
+//! - `protocol`: `Protocol`, the MQTT version of a listener or the uplink,
+//! - `secret`: `Secret` (never printed) and `SecretSource` (inline, file or environment),
+//! - `units`: human durations and sizes.
 //!
-//! The YAML crate is used only inside `load` (and tests), so it can be swapped.
+//! Around them:
+//! - `load`: read + parse (errors carry file, line, column and field path) + resolve secrets,
+//! - `validate`: pure checks that collect every problem, not just the first; `check_files` is the
+//!   separate check that referenced certificates, keys and password files can be opened;
+//!   `validate/modbus.rs` checks the `modbus:` and `onewire:` sections,
+//! - `problem`: `Problem`, one thing wrong (field path, line, message), shared by load and checks,
+//! - `topic` (public): MQTT topic/filter rules shared by validation and the data path.
+//!
+//! Imports between these files run one way (sections -> `units`/`secret`/`protocol`/`topic`,
+//! `root` -> sections, `validate`/`load` -> `root`), so there is no circle. Every public name is
+//! re-exported here as `crate::config::Name`. The YAML crate is used only inside `load` (and
+//! tests), so it can be swapped.
 
 mod broker;
 mod forward;
@@ -31,11 +34,11 @@ pub mod modbus;
 mod ops;
 mod problem;
 mod protocol;
+mod root;
 mod secret;
 mod serial;
 mod store;
 pub mod topic;
-mod types;
 mod units;
 mod uplink;
 mod url;
@@ -51,12 +54,12 @@ pub use load::{load, load_offline, load_str, ConfigError};
 pub use ops::{HomeAssistantConfig, LogConfig, LogFormat, MetricsConfig, StatusConfig};
 pub use problem::Problem;
 pub use protocol::Protocol;
+pub use root::{Config, GatewayConfig};
 pub use secret::{Secret, SecretSource};
 pub use serial::{
     FlowControl, Parity, PollConfig, SerialConfig, SerialFormat, SerialPortConfig, SerialSimConfig,
 };
 pub use store::{StoreConfig, SyncMode, WhenFull};
-pub use types::*;
 pub use units::{ByteSize, HumanDuration};
 pub use uplink::{UplinkConfig, UplinkTlsConfig};
 pub use url::Endpoint;

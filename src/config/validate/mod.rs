@@ -14,9 +14,9 @@ use crate::config::broker::BrokerConfig;
 use crate::config::gpio::GpioBackendKind;
 use crate::config::problem::Problem;
 use crate::config::protocol::Protocol;
+use crate::config::root::Config;
 use crate::config::serial::SerialFormat;
 use crate::config::topic;
-use crate::config::types::Config;
 use crate::config::uplink::UplinkConfig;
 
 /// Smallest rumqttd log segment we accept: smaller ones make the router rotate constantly.

@@ -5,8 +5,8 @@
 use crate::codec::modbus::{self as mb, ValueType};
 use crate::config::modbus::{default_w1_root, ModbusPointConfig, PublishMode, SimValue};
 use crate::config::problem::Problem;
+use crate::config::root::Config;
 use crate::config::topic;
-use crate::config::types::Config;
 
 const MAX_RETRIES: u8 = 10;
 

@@ -1,7 +1,8 @@
-//! The configuration file's shape: one struct per YAML section.
+//! The root of the configuration file: `Config`, which holds one field per YAML section (each
+//! section's structs are in their own file), and the `gateway:` section.
 //!
 //! Every struct denies unknown keys so a typo is an error, not a silently ignored setting.
-//! Defaults here match the annotated reference `config/edgegate.yaml`.
+//! Defaults match the annotated reference `config/edgegate.yaml`.
 
 use serde::Deserialize;
 
