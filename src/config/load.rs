@@ -11,42 +11,13 @@
 //!
 //! The YAML crate (`serde_yaml`, i.e. `yaml_serde`) is used only in this file.
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::types::SecretSource;
+use super::problem::Problem;
+use super::root::Config;
+use super::secret::{Secret, SecretSource};
 use super::validate::{check_files, validate};
-use super::{Config, Secret};
-
-/// One thing wrong with the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Path of the key, as written in the file: `uplink.forward[0].local`. Empty for the whole file.
-    pub field: String,
-    /// 1-based line in the file, when known.
-    pub line: Option<usize>,
-    pub message: String,
-}
-
-impl Problem {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Problem {
-            field: field.into(),
-            line: None,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.field.is_empty() {
-            write!(f, "{}: ", self.field)?;
-        }
-        f.write_str(&self.message)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -8,9 +8,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::load::Problem;
-use super::topic;
-use super::types::{BrokerConfig, Config, GpioBackendKind, SerialFormat, UplinkConfig};
+mod modbus;
+
+use crate::config::broker::BrokerConfig;
+use crate::config::gpio::GpioBackendKind;
+use crate::config::problem::Problem;
+use crate::config::protocol::Protocol;
+use crate::config::root::Config;
+use crate::config::serial::SerialFormat;
+use crate::config::topic;
+use crate::config::uplink::UplinkConfig;
 
 /// Smallest rumqttd log segment we accept: smaller ones make the router rotate constantly.
 const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
@@ -33,7 +40,7 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
         check_uplink(uplink, &cfg.gateway.id, &mut p);
     }
     check_hardware(cfg, &mut p);
-    p.0.extend(super::modbus::check(cfg));
+    p.0.extend(modbus::check(cfg));
     check_ops(cfg, &mut p);
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cfg.log.level) {
         p.add(
@@ -391,7 +398,7 @@ fn check_uplink(up: &UplinkConfig, gateway_id: &str, p: &mut Problems) {
             }
         }
     }
-    if up.username.is_none() && up.protocol == super::Protocol::V4 {
+    if up.username.is_none() && up.protocol == Protocol::V4 {
         if let Some(key) = [
             ("password", up.password.password.is_some()),
             ("password_file", up.password.password_file.is_some()),
