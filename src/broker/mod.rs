@@ -460,6 +460,13 @@ impl LocalPublisher {
         LocalPublisher { tx }
     }
 
+    /// A publisher with no broker behind it: what it publishes arrives on the receiver.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> (LocalPublisher, tokio::sync::mpsc::Receiver<Publish>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        (LocalPublisher { tx }, rx)
+    }
+
     /// Publishes at QoS 0 (the only QoS of rumqttd's local links). Waits only for queue space.
     pub async fn publish(
         &self,
