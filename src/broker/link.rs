@@ -156,6 +156,16 @@ impl LocalPublisher {
         LocalPublisher { tx }
     }
 
+    /// A publisher whose messages land in the returned receiver instead of a broker.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> (
+        LocalPublisher,
+        tokio::sync::mpsc::Receiver<(Bytes, Bytes, bool)>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        (LocalPublisher { tx }, rx)
+    }
+
     /// Publishes at QoS 0 (the only QoS of rumqttd's local links). Waits only for queue space.
     pub async fn publish(
         &self,
