@@ -148,7 +148,11 @@ pub fn run_gateway(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_SOFTWARE);
         }
     };
-    let result = runtime.block_on(crate::app::run(cfg, Some(path.to_path_buf())));
+    let result = runtime.block_on(async {
+        // Signals first, so a SIGTERM during start-up is not the default "die at once".
+        let control = crate::app::signals()?;
+        crate::app::run(cfg, Some(path.to_path_buf()), control).await
+    });
     // rumqttd's router thread cannot be stopped; do not wait for it.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {

@@ -1,28 +1,45 @@
 //! The supervisor: builds the stages, owns the cancellation tree and the shutdown order.
 //!
-//! Stages: listeners (rumqttd servers on our runtime) → intake (local link on the forward
-//! filters) → store (one thread) → forwarder (upstream client). If any long-lived stage ends, the
-//! whole gateway stops in order and exits non-zero so systemd restarts it.
+//! - `mod.rs` ([`run`]): opens the store, starts the front (when on) and rumqttd behind it, the
+//!   stages, the status socket and metrics, reports READY, then supervises: [`Control`] (signals
+//!   in the daemon: [`signals`]), a failed stage or store, the stats timer, the watchdog.
+//! - `stages.rs`: building the intake (front off), forwarder and hardware stages.
+//! - `stage.rs`: one stage's task set and token; `reload.rs`: what a reload may change.
 //!
-//! Shutdown order (SIGTERM/SIGINT), bounded by `gateway.shutdown_timeout`: stop the intake and
-//! hand what it holds to the store → stop sending upstream, wait for in-flight PUBACKs → commit
-//! and close the store → exit 0.
+//! If any long-lived stage ends, the whole gateway stops in order and exits non-zero so systemd
+//! restarts it.
+//!
+//! Shutdown order (Control::Stop: SIGTERM/SIGINT), bounded by `gateway.shutdown_timeout`: the
+//! hardware stage (fail-safe outputs applied, its readings committed) → the front stops accepting
+//! device messages → the local-link intake hands what it holds to the store, the forwarder waits
+//! for in-flight PUBACKs → status and metrics stop → `offline` is published → the store commits
+//! and closes → exit 0.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError, ListenerExit, LocalPublisher};
+mod control;
+mod reload;
+mod stage;
+mod stages;
+
+pub use control::{signals, Control};
+use reload::{reload, ReloadError};
+use stage::any_ended;
+use stages::{
+    configured_sensors, publish_discovery, spawn_forwarder, spawn_hardware, spawn_intake, Shared,
+};
+
+use crate::broker::{Broker, BrokerError, ListenerExit};
 use crate::config::{ByteSize, Config};
-use crate::forward::Forwarder;
-use crate::intake::{LocalIntake, Rules, StoredReadings};
+use crate::intake::{Rules, StoredReadings};
 use crate::notify;
 use crate::ops::Telemetry;
 use crate::shared::IntakeCounters;
@@ -47,232 +64,18 @@ impl From<BrokerError> for AppError {
     }
 }
 
-/// One running stage: its own task set (so a stage can be stopped and replaced at SIGHUP without
-/// touching the others) and its cancellation token.
-struct Stage {
-    name: &'static str,
-    token: CancellationToken,
-    task: JoinSet<Result<(), String>>,
-}
-
-impl Stage {
-    fn spawn<F>(
-        name: &'static str,
-        parent: &CancellationToken,
-        f: impl FnOnce(CancellationToken) -> F,
-    ) -> Stage
-    where
-        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
-    {
-        let token = parent.child_token();
-        let mut task = JoinSet::new();
-        task.spawn(f(token.clone()));
-        Stage { name, token, task }
-    }
-
-    /// Cancels the stage and waits for it until `deadline`; a straggler is logged by name.
-    async fn stop(mut self, deadline: tokio::time::Instant) {
-        self.token.cancel();
-        match tokio::time::timeout_at(deadline, self.task.join_next()).await {
-            Ok(Some(Ok(Err(e)))) => {
-                tracing::warn!(stage = self.name, error = %e, "stage ended with an error while stopping")
-            }
-            Ok(Some(Err(e))) => {
-                tracing::warn!(stage = self.name, error = %e, "stage task failed while stopping")
-            }
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!(stage = self.name, "stage did not stop before the deadline");
-                self.task.abort_all();
-            }
-        }
-    }
-}
-
-/// The first of `stages` to end, with its result (pending forever if none runs).
-async fn any_ended(stages: &mut [&mut Option<Stage>]) -> (&'static str, Result<(), String>) {
-    std::future::poll_fn(|cx| {
-        for stage in stages.iter_mut() {
-            if let Some(st) = stage.as_mut() {
-                if let std::task::Poll::Ready(Some(r)) = st.task.poll_join_next(cx) {
-                    let name = st.name;
-                    return std::task::Poll::Ready(match r {
-                        Ok(r) => (name, r),
-                        Err(e) => (name, Err(e.to_string())),
-                    });
-                }
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-/// What every generation of the reloadable stages shares: built once, kept across SIGHUP.
-struct Shared {
-    root: CancellationToken,
-    store: Option<StoreHandle>,
-    local: LocalPublisher,
-    link_state_tx: Arc<watch::Sender<LinkState>>,
-    link_state: watch::Receiver<LinkState>,
-    intake_counters: Arc<IntakeCounters>,
-    forward_counters: Arc<ForwardCounters>,
-    stats: watch::Receiver<bytes::Bytes>,
-    /// Bumped at each reload: link names must be unique while old and new overlap.
-    generation: u32,
-    /// The MQTT front stores device messages itself; the local-link intake then does not run.
-    front_on: bool,
-    /// The forward rules the front stores by; replaced at a reload.
-    front_rules: Option<Arc<Rules>>,
-    /// The front's local subscription registry (an in-process subscriber registers its filters
-    /// there first, or the front would acknowledge messages on them without passing them on).
-    front_subscriptions: Option<Arc<crate::front::Subscriptions>>,
-    /// Readings the hardware stage stored, for the local-link intake to skip (front off only).
-    dedup: Option<Arc<StoredReadings>>,
-}
-
-/// The intake: the broker subscription on the forward filters, into the store.
-fn spawn_intake(cfg: &Config, broker: &Broker, sh: &Shared) -> Result<Option<Stage>, AppError> {
-    let (Some(uplink), Some(store)) = (&cfg.uplink, &sh.store) else {
-        return Ok(None);
-    };
-    // With the front on, the front stores device messages and the hardware stage its
-    // readings: a local-link intake would store each of them a second time.
-    if sh.front_on {
-        return Ok(None);
-    }
-    let Some(dedup) = sh.dedup.clone() else {
-        return Ok(None);
-    };
-    let mut link = broker.link(&format!("edgegate-intake-{}", sh.generation))?;
-    let intake = LocalIntake {
-        uplink: Arc::new(uplink.clone()),
-        store: store.clone(),
-        counters: sh.intake_counters.clone(),
-        dedup,
-    };
-    intake
-        .subscribe(&mut link)
-        .map_err(|e| AppError::Start(e.to_string()))?;
-    Ok(Some(Stage::spawn(
-        "intake",
-        &sh.root,
-        move |t| async move { intake.run(link, t).await.map_err(|e| e.to_string()) },
-    )))
-}
-
-fn spawn_forwarder(cfg: &Config, sh: &Shared) -> Option<Stage> {
-    let (Some(uplink), Some(store)) = (&cfg.uplink, &sh.store) else {
-        return None;
-    };
-    let forwarder = Forwarder {
-        uplink: Arc::new(uplink.clone()),
-        gateway_id: cfg.gateway.id.clone(),
-        status_topic: cfg.status_topic(),
-        store: store.clone(),
-        local: sh.local.clone(),
-        state: sh.link_state_tx.clone(),
-        counters: sh.forward_counters.clone(),
-        drain_timeout: cfg.gateway.shutdown_timeout.get().mul_f64(0.5),
-        stats: sh.stats.clone(),
-    };
-    Some(Stage::spawn("forwarder", &sh.root, move |t| async move {
-        forwarder.run(t).await.map_err(|e| e.to_string())
-    }))
-}
-
-/// GPIO and serial (sources::hardware). Opened here, so a wrong pin or a missing GPIO chip is an
-/// error now (at start: the start fails; at SIGHUP: the reload is refused). Readings are
-/// committed to the store first, then published locally; it stops first at shutdown.
-fn spawn_hardware(cfg: &Config, broker: &Broker, sh: &Shared) -> Result<Option<Stage>, String> {
-    let hw = match crate::sources::hardware::Hardware::open(cfg).map_err(|e| e.to_string())? {
-        Some(hw) => hw,
-        None => return Ok(None),
-    };
-    // The outputs' command topics are subscribed on the local link below: the front must pass
-    // device messages on them to rumqttd. They stay registered after a reload (harmless: their
-    // messages then merely take rumqttd's path).
-    if let Some(subs) = &sh.front_subscriptions {
-        for topic in hw.command_topics() {
-            subs.add(&topic);
-        }
-    }
-    let hw_link = broker
-        .link(&format!("edgegate-hardware-{}", sh.generation))
-        .map_err(|e| e.to_string())?;
-    let hw_dedup = sh.dedup.clone();
-    let hw_store = sh.store.clone();
-    let hw_uplink = cfg.uplink.clone().map(Arc::new);
-    let hw_link_state = sh.link_state.clone();
-    Ok(Some(Stage::spawn(
-        "hardware",
-        &sh.root,
-        move |t| async move {
-            hw.run(hw_link, hw_store, hw_uplink, hw_dedup, hw_link_state, t)
-                .await
-                .map_err(|e| e.to_string())
-        },
-    )))
-}
-
-/// Sensors the registry should list for `cfg`.
-fn configured_sensors(cfg: &Config) -> Vec<(&'static str, String)> {
-    cfg.gpio
-        .inputs
-        .iter()
-        .map(|i| ("gpio", i.name.clone()))
-        .chain(cfg.serial.ports.iter().map(|p| ("serial", p.name.clone())))
-        // Modbus slaves and listed 1-Wire probes (sources::modbus, sources::onewire).
-        .chain(cfg.modbus.buses.iter().flat_map(|b| {
-            b.slaves
-                .iter()
-                .map(move |s| ("modbus", format!("{}/{}", b.name, s.name)))
-        }))
-        .chain(
-            cfg.onewire
-                .sensors
-                .iter()
-                .map(|s| ("onewire", s.name().to_string())),
-        )
-        .collect()
-}
-
-/// Publishes Home Assistant discovery (retained) for `cfg`, and empty retained payloads for
-/// what `old` announced and `cfg` no longer does, so removed sensors vanish from Home Assistant.
-async fn publish_discovery(cfg: &Config, old: Option<&Config>, local: &LocalPublisher) {
-    let new_msgs = if cfg.homeassistant.enabled {
-        crate::ops::publish::discovery_messages(cfg)
-    } else {
-        Vec::new()
-    };
-    if let Some(old) = old.filter(|o| o.homeassistant.enabled) {
-        for (topic, _) in crate::ops::publish::discovery_messages(old) {
-            if !new_msgs.iter().any(|(t, _)| *t == topic) {
-                local.publish(topic, bytes::Bytes::new(), true).await;
-            }
-        }
-    }
-    let n = new_msgs.len();
-    for (topic, payload) in new_msgs {
-        local.publish(topic, payload, true).await;
-    }
-    if n > 0 {
-        tracing::info!(entities = n, prefix = %cfg.homeassistant.prefix, "Home Assistant discovery published");
-    }
-}
-
-pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
+/// Runs the gateway until `control` says stop (or closes), a stage fails or the store fails.
+/// `control` is [`signals`] in the daemon; a caller can drive it with any sender.
+pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    mut control: tokio::sync::mpsc::Receiver<Control>,
+) -> Result<(), AppError> {
     let started = Instant::now();
     let root = CancellationToken::new();
     let mut cfg = cfg;
     let gateway_id = cfg.gateway.id.clone();
     let status_topic = cfg.status_topic();
-
-    // Signals first, so a SIGTERM during start-up is not the default "die at once".
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(|e| AppError::Start(e.to_string()))?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| AppError::Start(e.to_string()))?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(|e| AppError::Start(e.to_string()))?;
 
     // The store opens before any listener: nothing may be accepted that cannot be kept.
     let store = match &cfg.uplink {
@@ -449,9 +252,12 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
     let mut failure: Option<AppError> = None;
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = sighup.recv() => {
+            c = control.recv() => {
+                match c {
+                    Some(Control::Stop(why)) => { tracing::info!("{why}: stopping"); break; }
+                    None => { tracing::info!("the control channel closed: stopping"); break; }
+                    Some(Control::Reload) => {}
+                }
                 let Some(path) = &config_path else {
                     tracing::warn!("SIGHUP: no configuration file to re-read");
                     continue;
@@ -603,130 +409,6 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), AppErr
     }
 }
 
-enum ReloadError {
-    /// The new file is not applied; the gateway runs on as before.
-    Refused(String),
-    /// A stage was stopped and its replacement could not start.
-    Fatal(AppError),
-}
-
-/// SIGHUP: re-reads the file and applies what can change while running.
-///
-/// - Log level: at once.
-/// - Forward rules and uplink settings: a new intake subscribes before the old one stops (a
-///   message published in between may be stored twice, never zero times); the forwarder is
-///   replaced (what was in flight is sent again: at-least-once). The store and its order are
-///   untouched.
-/// - GPIO and serial: the hardware stage is restarted when its sections change (outputs pass
-///   through their fail-safe state and come back to `initial`).
-/// - Broker listeners, users and the store need a restart: a change there is reported and the
-///   old values are kept.
-async fn reload(
-    path: &Path,
-    old: &Config,
-    broker: &Broker,
-    sh: &mut Shared,
-    intake: &mut Option<Stage>,
-    forwarder: &mut Option<Stage>,
-    hardware: &mut Option<Stage>,
-) -> Result<Config, ReloadError> {
-    let mut new = crate::config::load(path).map_err(|e| ReloadError::Refused(e.to_string()))?;
-    let mut kept = Vec::new();
-    if !same(&new.broker, &old.broker) {
-        kept.push("broker");
-        new.broker = old.broker.clone();
-    }
-    if !same(&new.store, &old.store) {
-        kept.push("store");
-        new.store = old.store.clone();
-    }
-    if new.uplink.is_some() != old.uplink.is_some() {
-        return Err(ReloadError::Refused(
-            "adding or removing the uplink section needs a restart (the store opens only with an uplink)".into(),
-        ));
-    }
-    if new.gateway.id != old.gateway.id || new.status_topic() != old.status_topic() {
-        kept.push("gateway");
-        new.gateway = old.gateway.clone();
-    }
-    if !same(&new.metrics, &old.metrics) || !same(&new.status.socket, &old.status.socket) {
-        kept.push("metrics/status.socket");
-        new.metrics = old.metrics.clone();
-        new.status.socket = old.status.socket.clone();
-    }
-    if !kept.is_empty() {
-        tracing::warn!(sections = %kept.join(", "), "SIGHUP: these settings change only at a restart; keeping the running values");
-    }
-    if new.log.level != old.log.level {
-        match crate::logging::set_level(&new.log.level) {
-            Ok(()) => tracing::info!(level = %new.log.level, "log level changed"),
-            Err(e) => tracing::warn!(error = %e, "log level not changed"),
-        }
-    }
-    let password = |c: &Config| {
-        c.uplink
-            .as_ref()
-            .and_then(|u| u.password.resolved.as_ref().map(|s| s.expose().to_string()))
-    };
-    let uplink_changed = !same(&new.uplink, &old.uplink) || password(&new) != password(old);
-    let hardware_changed = uplink_changed
-        || !same(&new.gpio, &old.gpio)
-        || !same(&new.serial, &old.serial)
-        || !same(&new.modbus, &old.modbus)
-        || !same(&new.onewire, &old.onewire);
-    let deadline = tokio::time::Instant::now() + old.gateway.shutdown_timeout.get();
-    sh.generation += 1;
-    if hardware_changed {
-        if let Some(h) = hardware.take() {
-            h.stop(deadline).await;
-        }
-    }
-    if uplink_changed {
-        if let (Some(rules), Some(uplink)) = (&sh.front_rules, &new.uplink) {
-            // The front stores by the new rules from its next message on.
-            rules.replace(uplink.clone());
-        }
-        let next = spawn_intake(&new, broker, sh).map_err(ReloadError::Fatal)?;
-        if let Some(i) = std::mem::replace(intake, next) {
-            i.stop(deadline).await;
-        }
-        if let Some(f) = forwarder.take() {
-            f.stop(deadline).await;
-        }
-        *forwarder = spawn_forwarder(&new, sh);
-    }
-    if hardware_changed {
-        // The old lines were released above; opening may still fail (a pin that does not exist).
-        match spawn_hardware(&new, broker, sh) {
-            Ok(h) => *hardware = h,
-            Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: the new hardware configuration cannot be opened; going back to the old one");
-                *hardware = spawn_hardware(old, broker, sh).map_err(|e2| {
-                    ReloadError::Fatal(AppError::Start(format!(
-                        "new hardware: {e}; old hardware again: {e2}"
-                    )))
-                })?;
-                new.gpio = old.gpio.clone();
-                new.serial = old.serial.clone();
-                new.modbus = old.modbus.clone();
-                new.onewire = old.onewire.clone();
-            }
-        }
-    }
-    tracing::info!(
-        uplink_restarted = uplink_changed,
-        hardware_restarted = hardware_changed,
-        "SIGHUP: configuration reloaded"
-    );
-    Ok(new)
-}
-
-/// Config sections compare by their debug form (secrets print redacted: the uplink password is
-/// compared on its own).
-fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
-    format!("{a:?}") == format!("{b:?}")
-}
-
 /// One line for `systemctl status`: link state and backlog.
 async fn status_line(link: &LinkState, store: Option<&StoreHandle>) -> String {
     let mut s = link.describe();
@@ -763,10 +445,101 @@ pub fn group_thousands(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn thousands_are_grouped_with_spaces() {
         assert_eq!(super::group_thousands(12345), "12 345");
         assert_eq!(super::group_thousands(999), "999");
         assert_eq!(super::group_thousands(1_000_000), "1 000 000");
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port")
+    }
+
+    /// A gateway that stores `sensors/#` for an upstream nobody listens on.
+    fn config(dir: &std::path::Path, port: u16) -> Config {
+        let yaml = format!(
+            "gateway: {{id: t}}\nbroker: {{listen: '127.0.0.1:{port}'}}\nstore: {{path: '{db}'}}\nstatus: {{socket: '{sock}'}}\nuplink:\n  url: mqtt://127.0.0.1:{up}\n  forward: [{{local: 'sensors/#'}}]\n",
+            db = dir.join("buffer.db").display(),
+            sock = dir.join("status.sock").display(),
+            up = free_port(),
+        );
+        crate::config::load_str(&yaml, std::path::Path::new("test.yaml")).expect("a valid config")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_stops_in_order_when_its_control_says_stop_and_the_store_keeps_what_a_device_published(
+    ) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let port = free_port();
+        let cfg = config(dir.path(), port);
+        let store_cfg = cfg.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let device = async move {
+            // A device publishes one QoS 1 message once the broker accepts connections.
+            let mut stream = None;
+            for _ in 0..200 {
+                if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    stream = Some(s);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let mut stream = stream.expect("the broker accepts connections within 5 s");
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            // CONNECT (MQTT 3.1.1, clean session, keep-alive 30 s, client id "d").
+            let connect = [
+                0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 1, b'd',
+            ];
+            stream.write_all(&connect).await.expect("CONNECT sent");
+            let mut connack = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut connack))
+                .await
+                .expect("a CONNACK within 5 s")
+                .expect("the CONNACK read");
+            assert_eq!(connack, [0x20, 2, 0, 0]);
+            // PUBLISH QoS 1 "sensors/a" = "42", packet id 7.
+            let mut publish = vec![0x32, 0];
+            publish.extend_from_slice(&[0, 9]);
+            publish.extend_from_slice(b"sensors/a");
+            publish.extend_from_slice(&[0, 7]);
+            publish.extend_from_slice(b"42");
+            publish[1] = (publish.len() - 2) as u8;
+            stream.write_all(&publish).await.expect("PUBLISH sent");
+            let mut puback = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut puback))
+                .await
+                .expect("a PUBACK within 5 s")
+                .expect("the PUBACK read");
+            assert_eq!(puback, [0x40, 2, 0, 7]);
+
+            tx.send(Control::Stop("test"))
+                .await
+                .expect("the gateway listens");
+        };
+        // `run` is not Send (the daemon drives it with block_on): both halves run on this task.
+        let (result, ()) = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(run(cfg, None, rx), device)
+        })
+        .await
+        .expect("run returns within 30 s");
+        assert!(result.is_ok(), "run ended with {result:?}");
+
+        // The store was closed cleanly and holds the acknowledged message.
+        let (handle, _report, thread) = Store::open(&store_cfg).expect("the store reopens");
+        let rows = handle
+            .fetch(&crate::store::Cursor::default(), 10)
+            .await
+            .expect("rows can be read");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].topic, "sensors/a");
+        assert_eq!(&rows[0].payload[..], b"42");
+        handle.close().await.expect("the store closes");
+        let _ = thread.join();
     }
 }
