@@ -39,11 +39,6 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 /// Keep-alive 0 ("never time out") becomes this: rumqttd refuses 0 and cuts a client after
 /// 1.5 × keep-alive without traffic (65535 s: about 27 hours).
 const KEEP_ALIVE_FOR_ZERO: u16 = u16::MAX;
-/// What the front sends rumqttd to keep a connection alive whose messages all skip it.
-const PINGREQ: [u8; 2] = [0xc0, 0x00];
-/// Packet type of PINGRESP (0xd0) and PUBACK (0x40) in the fixed header's high nibble.
-const PINGRESP_KIND: u8 = 13;
-const PUBACK_KIND: u8 = 4;
 
 /// Why a connection ended.
 enum Close {
@@ -131,19 +126,6 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// CONNACK refusing a connection, in the device's protocol version.
-fn connack(level: u8, code_v4: u8, code_v5: u8) -> &'static [u8] {
-    match (level, code_v4, code_v5) {
-        (5, _, 0x86) => &[0x20, 3, 0, 0x86, 0],
-        (5, _, 0x87) => &[0x20, 3, 0, 0x87, 0],
-        (5, _, _) => &[0x20, 3, 0, 0x88, 0],
-        (_, 1, _) => &[0x20, 2, 0, 1],
-        (_, 4, _) => &[0x20, 2, 0, 4],
-        (_, 5, _) => &[0x20, 2, 0, 5],
-        _ => &[0x20, 2, 0, 3],
-    }
-}
-
 /// The will rumqttd will publish if the device goes away, when it is on a forwarded topic.
 struct StoredWill {
     topic: String,
@@ -176,7 +158,7 @@ where
     let c = match packet::connect(&pkt, &f) {
         Ok(c) => c,
         Err(ConnectError::Level(_)) => {
-            let _ = dev_wr.write_all(connack(4, 1, 0)).await;
+            let _ = dev_wr.write_all(packet::connack_refused(4, 1, 0)).await;
             return Err(Close::Refused(Refusal::UnsupportedProtocol));
         }
         Err(ConnectError::Malformed(m)) => return Err(m.into()),
@@ -191,14 +173,18 @@ where
         match (user, c.password) {
             (Some(u), Some(p)) if same_secret(u.password.as_bytes(), p) => u.acl.clone(),
             _ => {
-                let _ = dev_wr.write_all(connack(level, 4, 0x86)).await;
+                let _ = dev_wr
+                    .write_all(packet::connack_refused(level, 4, 0x86))
+                    .await;
                 return Err(Close::Refused(Refusal::BadCredentials));
             }
         }
     };
     if let Some(w) = &c.will {
         if !acl.may_publish(w.topic) {
-            let _ = dev_wr.write_all(connack(level, 5, 0x87)).await;
+            let _ = dev_wr
+                .write_all(packet::connack_refused(level, 5, packet::NOT_AUTHORIZED))
+                .await;
             return Err(Close::Refused(Refusal::NotAuthorized));
         }
     }
@@ -227,7 +213,7 @@ where
     if c.keep_alive == 0 {
         // The keep-alive sits before the will, at the same distance from the end of the fixed
         // header, whose length splicing may have changed.
-        let at = c.keep_alive_at - f.header_len + header_len(&connect_bytes);
+        let at = c.keep_alive_at - f.header_len + packet::header_len(&connect_bytes);
         connect_bytes[at..at + 2].copy_from_slice(&KEEP_ALIVE_FOR_ZERO.to_be_bytes());
     }
     let internal = if level == 5 {
@@ -239,7 +225,9 @@ where
         match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(internal)).await {
             Ok(Ok(s)) => s,
             _ => {
-                let _ = dev_wr.write_all(connack(level, 3, 0x88)).await;
+                let _ = dev_wr
+                    .write_all(packet::connack_refused(level, 3, 0x88))
+                    .await;
                 return Err(Close::Refused(Refusal::BrokerUnavailable));
             }
         };
@@ -293,7 +281,9 @@ where
             // Best effort: a v5 device learns why (DISCONNECT 0x87, not authorized). rumqttd
             // publishes the will, as for any connection closed without DISCONNECT.
             drop(b2d);
-            let _ = dev_wr.write_all(&[0xe0, 1, 0x87]).await;
+            let _ = dev_wr
+                .write_all(&packet::disconnect_v5(packet::NOT_AUTHORIZED))
+                .await;
             store_will(shared, will);
             return Err(Close::Refused(Refusal::NotAuthorized));
         }
@@ -373,7 +363,7 @@ where
                         }
                     };
                     match f.kind() {
-                        PUBACK_KIND => {
+                        packet::PUBACK => {
                             pubacks += 1;
                             // The front's answers due right after this PUBACK go out before
                             // rumqttd's next one.
@@ -386,19 +376,19 @@ where
                                 continue;
                             }
                         }
-                        PINGRESP_KIND if take_one(&between.pings) => {
+                        packet::PINGRESP if take_one(&between.pings) => {
                             dev_wr.write_all(&buf[..at]).await?;
                             let _ = buf.split_to(at + f.len);
                             at = 0;
                             continue;
                         }
-                        9 => {
+                        packet::SUBACK => {
                             let pkt = &buf[at..at + f.len];
                             let fix = packet::packet_id(pkt, &f).and_then(|id| {
                                 between.fixups.lock().unwrap_or_else(|e| e.into_inner()).remove(&id)
                             });
                             if let Some(fix) = fix {
-                                let code = if level == 5 { 0x87 } else { 0x80 };
+                                let code = packet::suback_denied_code(level);
                                 dev_wr.write_all(&buf[..at]).await?;
                                 let whole = packet::suback_with_denied(pkt, &f, level, fix.total, &fix.denied, code);
                                 dev_wr.write_all(whole.as_deref().unwrap_or(pkt)).await?;
@@ -438,15 +428,6 @@ async fn release<W: AsyncWrite + Unpin>(
 fn take_one(n: &AtomicU32) -> bool {
     n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1))
         .is_ok()
-}
-
-/// Length of the fixed header of a whole packet in `buf`.
-fn header_len(buf: &[u8]) -> usize {
-    1 + buf[1..]
-        .iter()
-        .take(4)
-        .position(|b| b & 0x80 == 0)
-        .map_or(4, |i| i + 1)
 }
 
 /// rumqttd publishes the will of a device that went away; with the front on, nothing else
@@ -731,9 +712,8 @@ where
                     reason = reason.name(),
                     "store refused a device message: answered 0x97"
                 );
-                let [hi, lo] = id.pkid.to_be_bytes();
-                let kind = if id.qos == 2 { 0x50 } else { 0x40 };
-                push_answer(&mut to_device, &[kind, 0x03, hi, lo, 0x97], passed_qos1);
+                let answer = packet::puback_v5_with_reason(id.pkid, id.qos, packet::QUOTA_EXCEEDED);
+                push_answer(&mut to_device, &answer, passed_qos1);
                 continue;
             }
             match e.direct {
@@ -743,8 +723,7 @@ where
                     match d.pkid {
                         Some(id) => {
                             counters.acked_direct.fetch_add(1, Ordering::Relaxed);
-                            let [hi, lo] = id.to_be_bytes();
-                            push_answer(&mut to_device, &[0x40, 0x02, hi, lo], passed_qos1);
+                            push_answer(&mut to_device, &packet::puback(id), passed_qos1);
                         }
                         None => {
                             counters.skipped_qos0.fetch_add(1, Ordering::Relaxed);
@@ -761,7 +740,7 @@ where
         }
         if skipped && out.is_empty() && last_to_broker.elapsed() >= ping_every {
             between.pings.fetch_add(1, Ordering::AcqRel);
-            out.extend_from_slice(&PINGREQ);
+            out.extend_from_slice(&packet::PINGREQ_PACKET);
         }
         // The answers first: `broker_to_device` (polled by the same task) then knows them
         // before any PUBACK rumqttd sends for what follows, and can put each in its place.
@@ -916,7 +895,7 @@ impl DeviceState<'_> {
                 // Denied filters get a failure code in the SUBACK (3.1.1: 0x80, 5: 0x87 not
                 // authorized); rumqttd sees only the allowed ones.
                 let pkid = packet::packet_id(&pkt, f).ok_or(Malformed::Truncated)?;
-                let code = if self.level == 5 { 0x87 } else { 0x80 };
+                let code = packet::suback_denied_code(self.level);
                 if denied.len() == filters.len() {
                     let codes = vec![code; filters.len()];
                     return Ok(Action::Forward(Entry {

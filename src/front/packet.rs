@@ -82,6 +82,7 @@ impl Malformed {
     }
 }
 
+/// Packet types, as in the fixed header's high nibble.
 pub const CONNECT: u8 = 1;
 pub const PUBLISH: u8 = 3;
 pub const PUBACK: u8 = 4;
@@ -89,9 +90,70 @@ pub const PUBREC: u8 = 5;
 pub const PUBREL: u8 = 6;
 pub const PUBCOMP: u8 = 7;
 pub const SUBSCRIBE: u8 = 8;
+pub const SUBACK: u8 = 9;
 pub const UNSUBSCRIBE: u8 = 10;
 pub const PINGREQ: u8 = 12;
+pub const PINGRESP: u8 = 13;
 pub const DISCONNECT: u8 = 14;
+
+/// A PINGREQ, whole.
+pub const PINGREQ_PACKET: [u8; 2] = [PINGREQ << 4, 0x00];
+
+/// SUBACK failure (MQTT 3.1.1).
+pub const SUBACK_FAILURE_V4: u8 = 0x80;
+/// Reason code 0x87, Not authorized (MQTT 5: CONNACK, SUBACK, DISCONNECT).
+pub const NOT_AUTHORIZED: u8 = 0x87;
+/// Reason code 0x97, Quota exceeded (MQTT 5: PUBACK, PUBREC).
+pub const QUOTA_EXCEEDED: u8 = 0x97;
+
+/// The code a denied filter gets in a SUBACK at protocol `level`.
+pub fn suback_denied_code(level: u8) -> u8 {
+    if level == 5 {
+        NOT_AUTHORIZED
+    } else {
+        SUBACK_FAILURE_V4
+    }
+}
+
+/// A PUBACK (MQTT 3.1.1 form, also valid MQTT 5 for success).
+pub fn puback(pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [PUBACK << 4, 0x02, hi, lo]
+}
+
+/// An MQTT 5 PUBACK (QoS 1) or PUBREC (QoS 2) with a reason code and no properties.
+pub fn puback_v5_with_reason(pkid: u16, qos: u8, reason: u8) -> [u8; 5] {
+    let [hi, lo] = pkid.to_be_bytes();
+    let kind = if qos == 2 { PUBREC } else { PUBACK };
+    [kind << 4, 0x03, hi, lo, reason]
+}
+
+/// An MQTT 5 DISCONNECT with a reason code and no properties.
+pub fn disconnect_v5(reason: u8) -> [u8; 3] {
+    [DISCONNECT << 4, 1, reason]
+}
+
+/// CONNACK refusing a connection, in the device's protocol version.
+pub fn connack_refused(level: u8, code_v4: u8, code_v5: u8) -> &'static [u8] {
+    match (level, code_v4, code_v5) {
+        (5, _, 0x86) => &[0x20, 3, 0, 0x86, 0],
+        (5, _, 0x87) => &[0x20, 3, 0, 0x87, 0],
+        (5, _, _) => &[0x20, 3, 0, 0x88, 0],
+        (_, 1, _) => &[0x20, 2, 0, 1],
+        (_, 4, _) => &[0x20, 2, 0, 4],
+        (_, 5, _) => &[0x20, 2, 0, 5],
+        _ => &[0x20, 2, 0, 3],
+    }
+}
+
+/// Length of the fixed header of a whole packet in `buf`.
+pub fn header_len(buf: &[u8]) -> usize {
+    1 + buf[1..]
+        .iter()
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map_or(4, |i| i + 1)
+}
 
 /// One whole packet found at the start of a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
