@@ -1,44 +1,15 @@
-//! GPIO lines. Levels here are *physical* (true = high); `active_low`, debounce and edge
+//! GPIO: the backend the configuration chooses ([`Gpio`]). The line traits every backend
+//! implements are in `gpio_line` (re-exported here). Levels here are *physical* (true = high); `active_low`, debounce and edge
 //! selection are the adapter's pure logic (`sources::gpio`), identical for every backend.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use tokio::sync::mpsc;
-
+pub use super::gpio_line::{
+    bcm_number, gpio_chips, GpioBackend, InputLine, LevelReader, OutputLine, CHANGES_CAPACITY,
+};
 use super::gpio_sim::SimGpio;
 use super::HwError;
-use crate::config::{GpioBackendKind, GpioConfig, PinSpec, Pull};
-
-/// Raw level changes of an input line are delivered on a channel of this size; a backend thread
-/// that finds it full waits (the kernel keeps queueing edge events meanwhile).
-pub const CHANGES_CAPACITY: usize = 1024;
-
-/// An opened input line.
-pub struct InputLine {
-    /// Physical level after each change the backend saw (not debounced).
-    pub changes: mpsc::Receiver<bool>,
-    pub reader: Box<dyn LevelReader>,
-}
-
-/// Reads an input's current physical level.
-pub trait LevelReader: Send {
-    fn level(&mut self) -> Result<bool, HwError>;
-}
-
-/// An opened output line.
-pub trait OutputLine: Send {
-    fn set(&mut self, high: bool) -> Result<(), HwError>;
-    /// The level read back from the line (the hardware's answer, not what we asked for).
-    fn get(&mut self) -> Result<bool, HwError>;
-}
-
-/// A GPIO backend: opens lines.
-pub trait GpioBackend: Send {
-    fn name(&self) -> &'static str;
-    fn input(&mut self, pin: &PinSpec, pull: Pull) -> Result<InputLine, HwError>;
-    fn output(&mut self, pin: &PinSpec, initial_high: bool)
-        -> Result<Box<dyn OutputLine>, HwError>;
-}
+use crate::config::{GpioBackendKind, GpioConfig};
 
 /// The backend chosen by the configuration, plus the simulator's handle when it is `sim`
 /// (waveforms and tests drive its pins).
@@ -83,48 +54,10 @@ pub fn choose_auto(chips: &[PathBuf]) -> Result<GpioBackendKind, HwError> {
     }
 }
 
-/// `/dev/gpiochip*`, sorted.
-pub fn gpio_chips() -> Vec<PathBuf> {
-    list_chips(Path::new("/dev"))
-}
-
-fn list_chips(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("gpiochip"))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// The BCM number of a Raspberry Pi line: `17`, `GPIO17` or `BCM17`.
-pub fn bcm_number(pin: &PinSpec) -> Option<u8> {
-    match pin {
-        PinSpec::Number(n) => u8::try_from(*n).ok(),
-        PinSpec::Name(s) => {
-            let upper = s.to_ascii_uppercase();
-            let digits = upper
-                .strip_prefix("GPIO")
-                .or_else(|| upper.strip_prefix("BCM"))?;
-            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            digits.parse().ok()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PinSpec;
 
     #[test]
     fn auto_picks_cdev_only_when_a_chip_exists_and_never_sim() {
@@ -143,7 +76,7 @@ mod tests {
         for f in ["gpiochip1", "gpiochip0", "ttyS0"] {
             std::fs::write(dir.path().join(f), b"").expect("write");
         }
-        let found = list_chips(dir.path());
+        let found = super::super::gpio_line::list_chips(dir.path());
         assert_eq!(
             found,
             vec![dir.path().join("gpiochip0"), dir.path().join("gpiochip1")]

@@ -13,7 +13,9 @@ use gpiocdev::line::{Bias, EdgeDetection, EdgeKind, Offset, Value};
 use gpiocdev::Request;
 use tokio::sync::mpsc;
 
-use super::gpio::{gpio_chips, GpioBackend, InputLine, LevelReader, OutputLine, CHANGES_CAPACITY};
+use super::gpio_line::{
+    gpio_chips, GpioBackend, InputLine, LevelReader, OutputLine, CHANGES_CAPACITY,
+};
 use super::HwError;
 use crate::config::{PinSpec, Pull};
 

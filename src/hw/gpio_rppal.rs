@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use rppal::gpio::{Gpio as RpGpio, InputPin, Level, OutputPin, Trigger};
 use tokio::sync::mpsc;
 
-use super::gpio::{bcm_number, GpioBackend, InputLine, LevelReader, OutputLine, CHANGES_CAPACITY};
+use super::gpio_line::{
+    bcm_number, GpioBackend, InputLine, LevelReader, OutputLine, CHANGES_CAPACITY,
+};
 use super::HwError;
 use crate::config::{PinSpec, Pull};
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
 
-use super::gpio::{GpioBackend, InputLine, LevelReader, OutputLine, CHANGES_CAPACITY};
+use super::gpio_line::{GpioBackend, InputLine, LevelReader, OutputLine, CHANGES_CAPACITY};
 use super::HwError;
 use crate::config::{PinSpec, Pull};
 

@@ -13,6 +13,7 @@
 pub mod clock;
 pub mod gpio;
 mod gpio_cdev;
+mod gpio_line;
 mod gpio_rppal;
 pub mod gpio_sim;
 pub mod modbus;
