@@ -47,9 +47,11 @@
 //! ends without DISCONNECT (the case where rumqttd publishes it).
 
 mod conn;
+mod device;
 mod listen;
 pub mod packet;
 pub mod props;
+mod relay;
 mod rows;
 pub mod subs;
 pub mod tls;
