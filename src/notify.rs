@@ -20,7 +20,8 @@ pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
-/// WATCHDOG=1: only called while every stage makes progress.
+/// WATCHDOG=1: sent by the supervisor's tick (`app`) only while the store answers within 2 s; a
+/// stage that ends stops the gateway instead.
 pub fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }

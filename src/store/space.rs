@@ -286,6 +286,7 @@ impl Space {
     }
 
     /// Whether a transaction adding rows charged `row_bytes` may run whole.
+    #[cfg(test)]
     pub fn admit(
         &mut self,
         row_bytes: u64,
@@ -302,10 +303,14 @@ impl Space {
         }
     }
 
-    /// Whether a typical transaction would be admitted now (for the sweep: `Err` keeps the
-    /// store refusing).
+    /// Whether new rows would be admitted now, at least the first part of a typical
+    /// transaction (for the sweep: `Err` keeps the store refusing). A part is enough: a store
+    /// sharing a disk that something else filled has only its free pages and the log file it
+    /// already has, which may be smaller than a whole typical transaction needs, and appends
+    /// are admitted in parts anyway.
     pub fn check(&mut self, now: Instant, files: impl FnOnce() -> FileState) -> Result<(), Short> {
-        self.admit(32 * self.layout.page_size, now, files)
+        self.room(32 * self.layout.page_size, now, files)
+            .map(|_| ())
     }
 
     /// Takes the reserve when there is room for it beyond the headroom; a failure leaves no
@@ -495,6 +500,32 @@ mod tests {
             s.room(1000, now, none),
             Err(Short::NoReserve { .. })
         ));
+    }
+
+    #[test]
+    fn a_store_that_drained_on_a_disk_filled_by_another_file_reopens_when_rows_fit_its_own_pages() {
+        let free = Arc::new(AtomicU64::new(0));
+        let (_d, mut s) = space(free.clone(), 1 << 20);
+        let now = Instant::now();
+        // Refusing: nothing fits.
+        let full = || FileState {
+            wal_len: 40 * 1024,
+            wal_used: 40 * 1024,
+            pending_growth: 0,
+            free_pages: 0,
+        };
+        assert!(s.check(now, full).is_err());
+        // Drained: plenty of free pages, a small log file checkpointed to its start, still
+        // no byte free on the filesystem. A whole typical transaction would not fit the log,
+        // a first part does: the store takes new rows again.
+        let drained = || FileState {
+            wal_len: 40 * 1024,
+            wal_used: 0,
+            pending_growth: 0,
+            free_pages: 4 << 20,
+        };
+        assert!(s.admit(32 * 1024, now, drained).is_err());
+        assert_eq!(s.check(now, drained), Ok(()));
     }
 
     #[test]

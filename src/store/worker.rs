@@ -1163,6 +1163,30 @@ impl Worker {
                 if self.space.check(now, || state).is_ok() {
                     self.unwritable = None;
                     self.set_admission(None, None);
+                    return;
+                }
+                if state.pending_growth > 0 && self.space.reserve_held() {
+                    // The log holds pages beyond the database file's end and the filesystem
+                    // has no byte for them: the checkpoint cannot finish, the log is never
+                    // reused from its start, and nothing fits even after the backlog drained.
+                    // This is what the reserve is for.
+                    if self.space.release_reserve() {
+                        tracing::warn!(
+                            growth = state.pending_growth,
+                            "disk full: the store's reserve was released so its log could be checkpointed into the database; it is taken back once space returns"
+                        );
+                    }
+                    if let Err(e) =
+                        self.conn
+                            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                    {
+                        tracing::debug!(error = %e, "checkpoint on a full disk failed");
+                    }
+                    let state = files(self);
+                    if self.space.check(now, || state).is_ok() {
+                        self.unwritable = None;
+                        self.set_admission(None, None);
+                    }
                 }
             }
             Admission::Refusing { reason, .. } => {
