@@ -45,6 +45,9 @@ enum Slot {
     Row(i64),
     /// The birth message: a QoS 1 publish that is not a row.
     Control,
+    /// The downlink SUBSCRIBE, until its SUBACK: its id is not free, but it takes no window
+    /// slot (the window and Receive Maximum count PUBLISHes).
+    Subscribe,
 }
 
 /// Packet ids 1..=65535, handed out in turn, skipping those still in flight.
@@ -189,9 +192,12 @@ impl Forwarder {
             .iter()
             .map(|r| r.remote_filter(&self.gateway_id))
             .collect();
+        let mut subscribes = 0usize;
         if !filters.is_empty() {
             let pkid = pkids.take(&inflight);
             codec.subscribe(pkid, &filters, &mut out)?;
+            inflight.insert(pkid, Slot::Subscribe);
+            subscribes += 1;
         }
         let pkid = pkids.take(&inflight);
         codec.publish(
@@ -211,7 +217,7 @@ impl Forwarder {
         loop {
             // Fill the window from the store; everything goes into `out`, written in one go.
             if shutting_down.is_none() {
-                while inflight.len() < window {
+                while inflight.len() - subscribes < window {
                     if buffer.is_empty() {
                         if caught_up {
                             break;
@@ -346,6 +352,10 @@ impl Forwarder {
                                     acks.push(id);
                                 }
                                 Some(Slot::Control) => {}
+                                Some(Slot::Subscribe) => {
+                                    inflight.insert(pkid, Slot::Subscribe);
+                                    tracing::debug!(pkid, "PUBACK for the SUBSCRIBE's packet id; ignored");
+                                }
                                 None => tracing::debug!(pkid, "PUBACK for an unknown packet id"),
                             },
                             Incoming::Publish { topic, payload, qos, pkid } => {
@@ -356,8 +366,14 @@ impl Forwarder {
                                     tracing::warn!(%topic, "QoS 2 downlink message (we subscribe at QoS 1); not acknowledged");
                                 }
                             }
-                            Incoming::SubAck { refused } if refused > 0 => {
-                                tracing::warn!(refused, "upstream refused a downlink subscription (check its ACL/policy)");
+                            Incoming::SubAck { pkid, refused } => {
+                                if matches!(inflight.get(&pkid), Some(Slot::Subscribe)) {
+                                    inflight.remove(&pkid);
+                                    subscribes -= 1;
+                                }
+                                if refused > 0 {
+                                    tracing::warn!(refused, "upstream refused a downlink subscription (check its ACL/policy)");
+                                }
                             }
                             Incoming::PingResp => ping_sent = None,
                             Incoming::Disconnect { reason } => {
@@ -911,8 +927,10 @@ mod tests {
         let mut inflight = HashMap::new();
         inflight.insert(65_535, Slot::Control);
         inflight.insert(1, Slot::Row(7));
+        // An unanswered downlink SUBSCRIBE holds its id too.
+        inflight.insert(3, Slot::Subscribe);
         let taken: Vec<u16> = (0..3).map(|_| pool.take(&inflight)).collect();
-        assert_eq!(taken, vec![65_534, 2, 3]);
+        assert_eq!(taken, vec![65_534, 2, 4]);
     }
 
     #[tokio::test]
@@ -1048,7 +1066,7 @@ mod tests {
             }
         );
         expect_birth(&mut up, 2).await;
-        // Today the SUBSCRIBE is not held in the in-flight map, so it takes no window slot: the
+        // The SUBSCRIBE holds its packet id until its SUBACK but takes no window slot: the
         // birth message and two rows fill a window of 3.
         assert_eq!(up.expect_publish().await, (3, "m0".into()));
         assert_eq!(up.expect_publish().await, (4, "m1".into()));

@@ -52,6 +52,7 @@ pub enum Incoming {
         pkid: u16,
     },
     SubAck {
+        pkid: u16,
         refused: usize,
     },
     PingResp,
@@ -314,6 +315,7 @@ impl Codec {
                 pkid: p.pkid,
             },
             Packet::SubAck(s) => Incoming::SubAck {
+                pkid: s.pkid,
                 refused: s
                     .return_codes
                     .iter()
@@ -360,6 +362,7 @@ impl Codec {
                 pkid: p.pkid,
             },
             Packet::SubAck(s) => Incoming::SubAck {
+                pkid: s.pkid,
                 refused: s
                     .return_codes
                     .iter()
