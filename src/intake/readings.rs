@@ -99,3 +99,103 @@ impl ReadingStore {
         stored
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ByteSize, HumanDuration, StoreConfig, SyncMode, WhenFull};
+    use crate::store::{Cursor, Store};
+
+    fn uplink() -> Arc<UplinkConfig> {
+        let yaml = "gateway: {id: t}\nstore: {path: unused.db}\nuplink:\n  url: mqtt://127.0.0.1:1\n  forward:\n    - {local: 'alarms/#', priority: 9, retain: true}\n    - {local: 'sensors/#'}\n";
+        let cfg = crate::config::load_str(yaml, std::path::Path::new("test.yaml"))
+            .expect("a valid config");
+        Arc::new(cfg.uplink.expect("an uplink"))
+    }
+
+    fn store_config(dir: &std::path::Path, max_bytes: u64) -> StoreConfig {
+        StoreConfig {
+            path: dir.join("buffer.db"),
+            max_bytes: ByteSize(max_bytes),
+            min_free_disk: ByteSize(0),
+            when_full: WhenFull::DropNewest,
+            max_age: None,
+            commit_interval: HumanDuration::from_millis(5),
+            commit_max_rows: 1000,
+            sync: SyncMode::Normal,
+        }
+    }
+
+    fn reading(topic: &str, payload: &'static str) -> Reading {
+        Reading {
+            topic: topic.to_string(),
+            payload: Bytes::from_static(payload.as_bytes()),
+            retain: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_forwarded_readings_are_stored_each_with_its_rules_settings() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (handle, _, thread) = Store::open(&store_config(dir.path(), 1 << 30)).expect("opens");
+        let counters = Arc::new(HardwareCounters::default());
+        let mut intake = ReadingStore::new(Some(handle.clone()), Some(uplink()), counters.clone());
+        let batch = [
+            reading("sensors/t", "21.5"),
+            reading("local/only", "x"),
+            reading("alarms/door", "open"),
+        ];
+        assert_eq!(intake.store(&batch).await, vec![true, false, true]);
+        let rows = handle
+            .fetch(&Cursor::default(), 10)
+            .await
+            .expect("rows can be read");
+        let got: Vec<(&str, u8, bool)> = rows
+            .iter()
+            .map(|r| (r.topic.as_str(), r.priority, r.retain))
+            .collect();
+        // Highest priority first.
+        assert_eq!(got, vec![("alarms/door", 9, true), ("sensors/t", 0, false)]);
+        assert_eq!(counters.readings.load(Ordering::Relaxed), 3);
+        assert_eq!(counters.stored.load(Ordering::Relaxed), 2);
+        handle.close().await.expect("closes");
+        let _ = thread.join();
+    }
+
+    #[tokio::test]
+    async fn readings_the_store_refuses_are_not_marked_stored() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        // Room for a few rows only, and drop_newest: the rest of the batch is refused.
+        let (handle, _, thread) = Store::open(&store_config(dir.path(), 600)).expect("opens");
+        let counters = Arc::new(HardwareCounters::default());
+        let mut intake = ReadingStore::new(Some(handle.clone()), Some(uplink()), counters.clone());
+        let batch: Vec<Reading> = (0..20).map(|_| reading("sensors/t", "21.5")).collect();
+        let stored = intake.store(&batch).await;
+        let kept = stored.iter().filter(|s| **s).count();
+        let rows = handle
+            .fetch(&Cursor::default(), 100)
+            .await
+            .expect("rows can be read")
+            .len();
+        assert!(
+            kept > 0 && kept < batch.len(),
+            "a 600-byte store took {kept}"
+        );
+        assert_eq!(kept, rows, "marked stored: {kept}, in the store: {rows}");
+        // The first ones are kept (drop_newest), the marks say which.
+        assert!(stored[..kept].iter().all(|s| *s));
+        assert_eq!(counters.stored.load(Ordering::Relaxed), kept as u64);
+        handle.close().await.expect("closes");
+        let _ = thread.join();
+    }
+
+    #[tokio::test]
+    async fn without_an_uplink_nothing_is_stored_and_every_reading_is_counted() {
+        let counters = Arc::new(HardwareCounters::default());
+        let mut intake = ReadingStore::new(None, None, counters.clone());
+        let batch = [reading("sensors/t", "1"), reading("sensors/u", "2")];
+        assert_eq!(intake.store(&batch).await, vec![false, false]);
+        assert_eq!(counters.readings.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.stored.load(Ordering::Relaxed), 0);
+    }
+}

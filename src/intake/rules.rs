@@ -73,3 +73,37 @@ impl RuleSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uplink(forward: &str) -> UplinkConfig {
+        let yaml = format!("gateway: {{id: t}}\nstore: {{path: unused.db}}\nuplink:\n  url: mqtt://127.0.0.1:1\n  forward:\n{forward}");
+        crate::config::load_str(&yaml, std::path::Path::new("test.yaml"))
+            .expect("a valid config")
+            .uplink
+            .expect("an uplink")
+    }
+
+    #[test]
+    fn the_first_matching_rule_makes_the_row_and_a_reload_bumps_the_generation() {
+        let rules = Rules::new(uplink(
+            "    - {local: 'sensors/hot/#', priority: 5, qos: 0}\n    - {local: 'sensors/#', retain: true}\n",
+        ));
+        let g0 = rules.generation();
+        let hot = RuleSettings::for_topic(&rules.get(), "sensors/hot/a").expect("a rule matches");
+        let row = hot.row("sensors/hot/a".into(), bytes::Bytes::from_static(b"1"));
+        assert_eq!((row.priority, row.qos, row.retain), (5, 0, false));
+        let other = RuleSettings::for_topic(&rules.get(), "sensors/b").expect("a rule matches");
+        let row = other.row("sensors/b".into(), bytes::Bytes::from_static(b"2"));
+        assert_eq!((row.priority, row.qos, row.retain), (0, 1, true));
+        assert!(row.created_ms > 0);
+        assert_eq!(RuleSettings::for_topic(&rules.get(), "other/x"), None);
+
+        rules.replace(uplink("    - {local: 'other/#'}\n"));
+        assert!(rules.generation() > g0);
+        assert_eq!(RuleSettings::for_topic(&rules.get(), "sensors/b"), None);
+        assert!(RuleSettings::for_topic(&rules.get(), "other/x").is_some());
+    }
+}
