@@ -51,8 +51,8 @@ pub enum Command {
         /// Machine-readable output (the same JSON as the stats message).
         #[arg(long)]
         json: bool,
-        /// The daemon's status socket (default: `status.socket` from --config, else
-        /// /run/edgegate/status.sock).
+        /// The daemon's status socket (default: where `status.socket` of --config puts it:
+        /// /run/edgegate/status.sock or, outside systemd, beside the store).
         #[arg(long)]
         socket: Option<PathBuf>,
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
@@ -299,15 +299,57 @@ pub fn main_with(cli: Cli) -> ExitCode {
     }
 }
 
-/// The status socket: `--socket`, else the config's `status.socket`, else the packaged default.
-fn status_socket(socket: Option<PathBuf>, config_path: &Path) -> PathBuf {
-    socket.unwrap_or_else(|| {
-        // The config may be unreadable for this user; then the packaged default applies.
-        config::load_offline(config_path)
-            .ok()
-            .and_then(|c| c.status.socket)
-            .unwrap_or_else(|| PathBuf::from("/run/edgegate/status.sock"))
-    })
+/// Where to ask: `--socket`, else the config's `status.socket` candidates (with the config's
+/// gateway id, to tell this gateway from another one answering on a shared path), else the
+/// packaged default.
+fn status_sockets(socket: Option<PathBuf>, config_path: &Path) -> (Vec<PathBuf>, Option<String>) {
+    if let Some(s) = socket {
+        return (vec![s], None);
+    }
+    // The config may be unreadable for this user; then the packaged default applies.
+    match config::load_offline(config_path) {
+        Ok(c) => (
+            c.status.socket.candidates(&c.store.path),
+            Some(c.gateway.id.clone()),
+        ),
+        Err(_) => (vec![Path::new(config::RUN_DIR).join("status.sock")], None),
+    }
+}
+
+/// Asks the daemon `--socket` or the config names.
+fn ask_config(
+    socket: Option<PathBuf>,
+    config_path: &Path,
+) -> Result<crate::ops::Snapshot, Result<crate::ops::serve::AskError, ExitCode>> {
+    let (sockets, id) = status_sockets(socket, config_path);
+    ask_any(&sockets, id.as_deref())
+}
+
+/// Asks the first candidate whose daemon is the config's gateway; the last error otherwise.
+fn ask_any(
+    sockets: &[PathBuf],
+    gateway_id: Option<&str>,
+) -> Result<crate::ops::Snapshot, Result<crate::ops::serve::AskError, ExitCode>> {
+    if sockets.is_empty() {
+        eprintln!("edgegate: this config turns the status socket off (status.socket: null)");
+    }
+    let mut last: Result<crate::ops::Snapshot, Result<crate::ops::serve::AskError, ExitCode>> =
+        Err(Err(ExitCode::from(EXIT_NOT_RUNNING)));
+    let mut other: Option<crate::ops::Snapshot> = None;
+    for s in sockets {
+        match ask_daemon(s) {
+            Ok(snap) if gateway_id.is_none_or(|id| snap.gateway_id == id) => return Ok(snap),
+            Ok(snap) => other = other.or(Some(snap)),
+            Err(e) => last = Err(e),
+        }
+    }
+    if let (Some(snap), Some(id)) = (other, gateway_id) {
+        eprintln!(
+            "edgegate: gateway `{}` (pid {}) answers, not `{id}` of this config",
+            snap.gateway_id, snap.pid
+        );
+    }
+    last
 }
 
 fn ask_daemon(
@@ -343,7 +385,7 @@ fn ask_failed(e: Result<crate::ops::serve::AskError, ExitCode>) -> ExitCode {
 pub fn reload(pid: Option<i32>, socket: Option<PathBuf>, config_path: &Path) -> ExitCode {
     let pid = match pid {
         Some(p) => p,
-        None => match ask_daemon(&status_socket(socket, config_path)) {
+        None => match ask_config(socket, config_path) {
             Ok(snap) => match i32::try_from(snap.pid) {
                 Ok(p) => p,
                 Err(_) => return ExitCode::from(EXIT_SOFTWARE),
@@ -369,8 +411,7 @@ pub fn reload(pid: Option<i32>, socket: Option<PathBuf>, config_path: &Path) -> 
 
 /// `edgegate status`: asks the daemon over its socket.
 pub fn status(json: bool, socket: Option<PathBuf>, config_path: &Path) -> ExitCode {
-    let socket = status_socket(socket, config_path);
-    match ask_daemon(&socket) {
+    match ask_config(socket, config_path) {
         Ok(snap) => {
             if json {
                 match serde_json::to_string_pretty(&snap) {

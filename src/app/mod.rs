@@ -189,19 +189,27 @@ pub async fn run(
         crate::shared::registry::registry().sensor(kind, &name);
     }
     let ops_token = root.child_token();
-    if let Some(path) = &cfg.status.socket {
-        match crate::ops::serve::bind_status(path) {
+    // The first candidate that can be bound (see `StatusSocket::Auto`); every failure is said.
+    let mut status_errors = Vec::new();
+    for path in cfg.status.socket.candidates(&cfg.store.path) {
+        match crate::ops::serve::bind_status(&path) {
             Ok(l) => {
+                tracing::info!(socket = %path.display(), "status socket");
                 tokio::spawn(crate::ops::serve::serve_status(
                     l,
                     path.clone(),
                     telemetry.clone(),
                     ops_token.clone(),
                 ));
+                status_errors.clear();
+                break;
             }
-            // Not fatal: the gateway's job is the data; `status` then says it is not running.
-            Err(e) => tracing::warn!(error = %e, "edgegate status will not work"),
+            Err(e) => status_errors.push(e.to_string()),
         }
+    }
+    if !status_errors.is_empty() {
+        // Not fatal: the gateway's job is the data; `status` then says it is not running.
+        tracing::warn!(error = %status_errors.join("; "), "edgegate status will not work");
     }
     if let Some(l) = metrics_listener {
         tracing::info!(listen = %cfg.metrics.listen, "metrics at http://{}/metrics", cfg.metrics.listen);

@@ -51,7 +51,9 @@ pub use gpio::{
     SimStep, Switch,
 };
 pub use load::{load, load_offline, load_str, ConfigError};
-pub use ops::{HomeAssistantConfig, LogConfig, LogFormat, MetricsConfig, StatusConfig};
+pub use ops::{
+    HomeAssistantConfig, LogConfig, LogFormat, MetricsConfig, StatusConfig, StatusSocket, RUN_DIR,
+};
 pub use problem::Problem;
 pub use protocol::Protocol;
 pub use root::{Config, GatewayConfig};

@@ -2,8 +2,9 @@
 //! `metrics:` (Prometheus) and `homeassistant:` (MQTT discovery).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use serde::de::Deserializer;
 use serde::Deserialize;
 
 use super::units::HumanDuration;
@@ -12,9 +13,9 @@ use super::units::HumanDuration;
 #[serde(deny_unknown_fields)]
 pub struct StatusConfig {
     /// UNIX socket `edgegate status` asks; created mode 0660 (the `edgegate` group may read
-    /// it). `null` turns it off.
-    #[serde(default = "default_status_socket")]
-    pub socket: Option<PathBuf>,
+    /// it). `null` turns it off; absent: chosen, see [`StatusSocket::Auto`].
+    #[serde(default)]
+    pub socket: StatusSocket,
     /// Every this often a JSON stats message goes to `<status_topic>/stats`, locally and (QoS 0,
     /// while the link is up) upstream. `0s` turns it off.
     #[serde(default = "default_stats_interval")]
@@ -24,14 +25,57 @@ pub struct StatusConfig {
 impl Default for StatusConfig {
     fn default() -> Self {
         StatusConfig {
-            socket: default_status_socket(),
+            socket: StatusSocket::Auto,
             stats_interval: default_stats_interval(),
         }
     }
 }
 
-fn default_status_socket() -> Option<PathBuf> {
-    Some(PathBuf::from("/run/edgegate/status.sock"))
+/// The directory systemd creates for the service (`RuntimeDirectory=edgegate`).
+pub const RUN_DIR: &str = "/run/edgegate";
+
+/// Where the status socket is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StatusSocket {
+    /// `status.socket` absent: `/run/edgegate/status.sock` when the daemon can create it there
+    /// (under systemd), otherwise `edgegate-status.sock` beside the store (a shell, `cargo
+    /// run`). Derived from the config alone, so `edgegate status` finds it both ways (it tries
+    /// both, and takes the daemon whose gateway id is the config's).
+    #[default]
+    Auto,
+    /// `status.socket: null`: no socket.
+    Off,
+    /// `status.socket: <path>`: exactly there.
+    Path(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for StatusSocket {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Option::<PathBuf>::deserialize(d)? {
+            None => StatusSocket::Off,
+            Some(p) => StatusSocket::Path(p),
+        })
+    }
+}
+
+impl StatusSocket {
+    /// The places to try, in order (empty when off); `store_path` is `store.path`.
+    pub fn candidates(&self, store_path: &Path) -> Vec<PathBuf> {
+        match self {
+            StatusSocket::Off => Vec::new(),
+            StatusSocket::Path(p) => vec![p.clone()],
+            StatusSocket::Auto => {
+                let dir = match store_path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                vec![
+                    Path::new(RUN_DIR).join("status.sock"),
+                    dir.join("edgegate-status.sock"),
+                ]
+            }
+        }
+    }
 }
 fn default_stats_interval() -> HumanDuration {
     HumanDuration::from_secs(60)

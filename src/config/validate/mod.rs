@@ -65,7 +65,7 @@ fn check_ops(cfg: &Config, p: &mut Problems) {
             ),
         );
     }
-    if let Some(sock) = &cfg.status.socket {
+    if let crate::config::StatusSocket::Path(sock) = &cfg.status.socket {
         if !sock.is_absolute() {
             p.add(
                 "status.socket",
