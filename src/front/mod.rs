@@ -45,6 +45,13 @@
 //! Wills: rumqttd publishes a device's will itself, and with the front on no local link stores
 //! device traffic, so the front stores a will on a forwarded topic when the device connection
 //! ends without DISCONNECT (the case where rumqttd publishes it).
+//!
+//! Files: `listen` binds the listeners and starts the accept loops (`app` then starts rumqttd
+//! behind the front); `conn` handles CONNECT and the will and runs the two directions: `device`
+//! (the device session: the FIFO, ACLs, aliases, the topic cache, hold-until-commit through
+//! `rows`) and `relay` (rumqttd → device, where rumqttd's quirks are undone); `packet` holds
+//! every packet kind, reason code and encoder; `subs` the local subscription registry; `props`
+//! the v4-encoder guard; `tls` the acceptor. Stored rows are built by `crate::intake`.
 
 mod conn;
 mod device;
