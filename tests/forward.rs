@@ -2,9 +2,15 @@
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use common::*;
 
 #[test]
@@ -86,6 +92,251 @@ fn an_mqtt5_uplink_tags_every_message_with_a_distinct_gateway_scoped_id() {
         "{}",
         report.summary()
     );
+}
+
+// ─── The message id across a resend ──────────────────────────────────────────────────────────
+
+/// One `sensors/…` PUBLISH as the upstream received it.
+#[derive(Clone, Debug)]
+struct Tagged {
+    connection: usize,
+    payload: String,
+    id: Option<String>,
+}
+
+#[derive(Default)]
+struct V5State {
+    connections: usize,
+    seen: Vec<Tagged>,
+}
+
+/// A scripted MQTT 5 upstream (rumqttc's v5 codec) on 127.0.0.1 recording the `edgegate-id` of
+/// every `sensors/…` PUBLISH. Its first connection acknowledges none of them and, with
+/// `drop_after: Some(n)`, closes once it holds `n`; later connections acknowledge everything.
+struct V5Upstream {
+    port: u16,
+    state: Arc<Mutex<V5State>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl V5Upstream {
+    fn start(drop_after: Option<usize>) -> V5Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the fake upstream");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let port = listener.local_addr().expect("fake upstream address").port();
+        let state = Arc::new(Mutex::new(V5State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (Arc::clone(&state), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            // Bounded: the test's own timeouts end long before this.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !sp.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((stream, _)) => serve_v5(stream, &st, &sp, drop_after, deadline),
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        V5Upstream {
+            port,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn seen(&self) -> Vec<Tagged> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .clone()
+    }
+
+    /// Distinct payloads received on `connection`.
+    fn payloads_on(&self, connection: usize) -> BTreeSet<String> {
+        self.seen()
+            .into_iter()
+            .filter(|t| t.connection == connection)
+            .map(|t| t.payload)
+            .collect()
+    }
+}
+
+impl Drop for V5Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_v5(
+    mut stream: TcpStream,
+    state: &Mutex<V5State>,
+    stop: &AtomicBool,
+    drop_after: Option<usize>,
+    deadline: Instant,
+) {
+    use rumqttc::v5::mqttbytes::v5::{
+        ConnAck, ConnectReturnCode, Packet, PubAck, SubAck, SubscribeReasonCode,
+    };
+    use rumqttc::v5::mqttbytes::QoS;
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(20)));
+    let connection = {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        s.connections += 1;
+        s.connections
+    };
+    let mut held = 0usize;
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        match stream.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return,
+        }
+        loop {
+            let packet = match Packet::read(&mut buf, None) {
+                Ok(p) => p,
+                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(e) => panic!("fake upstream cannot decode the gateway's packet: {e:?}"),
+            };
+            let reply = match packet {
+                Packet::Connect(..) => Some(Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    code: ConnectReturnCode::Success,
+                    properties: None,
+                })),
+                Packet::Subscribe(s) => Some(Packet::SubAck(SubAck {
+                    pkid: s.pkid,
+                    return_codes: s
+                        .filters
+                        .iter()
+                        .map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce))
+                        .collect(),
+                    properties: None,
+                })),
+                Packet::PingReq(_) => Some(Packet::PingResp(rumqttc::v5::mqttbytes::v5::PingResp)),
+                Packet::Disconnect(_) => return,
+                Packet::Publish(p) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    if !topic.starts_with("sensors/") || connection > 1 {
+                        if topic.starts_with("sensors/") {
+                            record(state, connection, &p);
+                        }
+                        Some(Packet::PubAck(PubAck::new(p.pkid, None)))
+                    } else {
+                        record(state, connection, &p);
+                        held += 1;
+                        if drop_after.is_some_and(|n| held >= n) {
+                            // Gone before any PUBACK: the gateway must send them all again.
+                            let _ = stream.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        None
+                    }
+                }
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                let mut out = BytesMut::new();
+                reply
+                    .write(&mut out, None)
+                    .expect("encoding a control packet");
+                if stream.write_all(&out).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn record(state: &Mutex<V5State>, connection: usize, p: &rumqttc::v5::mqttbytes::v5::Publish) {
+    let id = p.properties.as_ref().and_then(|props| {
+        props
+            .user_properties
+            .iter()
+            .find(|(k, _)| k == "edgegate-id")
+            .map(|(_, v)| v.clone())
+    });
+    state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .seen
+        .push(Tagged {
+            connection,
+            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+            id,
+        });
+}
+
+/// Every payload 0..n was received on connection 1 and again on connection 2, and every copy
+/// of one payload carried the same `edgegate-id`.
+fn assert_same_id_on_each_copy(up: &V5Upstream, n: usize, gw: &Gateway) {
+    let all: BTreeSet<String> = (0..n).map(|i| i.to_string()).collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || up.payloads_on(2) == all),
+        "the resend never completed: {:?}; log:\n{}",
+        up.seen(),
+        gw.log()
+    );
+    let mut ids: BTreeMap<String, BTreeSet<Option<String>>> = BTreeMap::new();
+    for t in up.seen() {
+        ids.entry(t.payload).or_default().insert(t.id);
+    }
+    assert_eq!(up.payloads_on(1), all, "first sends: {:?}", up.seen());
+    for (payload, ids) in &ids {
+        assert_eq!(ids.len(), 1, "payload {payload} was sent with ids {ids:?}");
+        let id = ids.iter().next().cloned().flatten();
+        assert!(
+            id.as_deref().is_some_and(|id| id.starts_with("test/")),
+            "payload {payload}: id {id:?}"
+        );
+    }
+}
+
+#[test]
+fn a_message_resent_after_the_upstream_dropped_the_connection_before_its_puback_keeps_its_id() {
+    let n = 20;
+    let up = V5Upstream::start(Some(n));
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = start_gateway(dir.path(), &up.url(), "", "protocol: 5");
+    assert_eq!(publish_seq(gw.port(), "sensors/retry", n, 1), n);
+    assert_same_id_on_each_copy(&up, n, &gw);
+}
+
+#[test]
+fn a_message_resent_after_kill_9_and_a_restart_keeps_its_id() {
+    let n = 20;
+    let up = V5Upstream::start(None);
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let mut gw = start_gateway(dir.path(), &up.url(), "", "protocol: 5");
+    assert_eq!(publish_seq(gw.port(), "sensors/crash", n, 1), n);
+    let all: BTreeSet<String> = (0..n).map(|i| i.to_string()).collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || up.payloads_on(1) == all),
+        "the first sends never arrived: {:?}; log:\n{}",
+        up.seen(),
+        gw.log()
+    );
+    // None was acknowledged upstream: all are still in the store, sent again by the next run.
+    gw.kill9();
+    gw.restart();
+    assert_same_id_on_each_copy(&up, n, &gw);
 }
 
 #[test]
@@ -504,23 +755,31 @@ fn a_refused_upstream_is_retried_at_least_every_second_whatever_the_backoff_step
             .replace("reconnect_max: 1s", "reconnect_max: 30s");
         Gateway::try_start_with(dir.path(), &yaml)
     });
-    // Backoff steps of 1, 2, 4 s would leave two or three attempts in 5.5 s.
-    std::thread::sleep(Duration::from_millis(5500));
-    let log = gw.log();
-    let delays: Vec<u64> = log
-        .split("retry_in_ms")
-        .skip(1)
-        .filter_map(|rest| {
-            let digits: String = rest
-                .trim_start_matches(|c: char| !c.is_ascii_digit())
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            digits.parse().ok()
-        })
-        .collect();
+    // Each failed attempt logs the delay before the next. Six attempts take about 5 s when
+    // each waits at most 1 s, 31 s with backoff steps of 1, 2, 4, 8, 16 s: 20 s is generous
+    // for the first and short of the second, and the logged delays must all be ≤ 1 s anyway.
+    let delays = |log: &str| -> Vec<u64> {
+        log.split("retry_in_ms")
+            .skip(1)
+            .filter_map(|rest| {
+                let digits: String = rest
+                    .trim_start_matches(|c: char| !c.is_ascii_digit())
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse().ok()
+            })
+            .collect()
+    };
     assert!(
-        delays.len() >= 5 && delays.iter().all(|&d| d <= 1000),
+        wait_until(Duration::from_secs(20), || delays(&gw.log()).len() >= 6),
+        "fewer than 6 attempts in 20 s; log:\n{}",
+        gw.log()
+    );
+    let log = gw.log();
+    let delays = delays(&log);
+    assert!(
+        delays.iter().all(|&d| d <= 1000),
         "retry delays {delays:?}; log:\n{log}"
     );
 }

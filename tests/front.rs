@@ -490,13 +490,47 @@ fn a_connection_that_sends_no_connect_is_closed_after_the_connect_timeout() {
 fn connections_beyond_max_connections_are_refused_and_the_others_keep_working() {
     let dir = tempfile::tempdir().expect("creating a temp dir");
     let gw = start_gateway(dir.path(), None, "max_connections: 2");
-    let (_a, ack_a) = Raw::connect(gw.port(), &connect_v4("a", 30, None, None));
-    let (_b, ack_b) = Raw::connect(gw.port(), &connect_v4("b", 30, None, None));
+    let (mut a, ack_a) = Raw::connect(gw.port(), &connect_v4("a", 30, None, None));
+    let (mut b, ack_b) = Raw::connect(gw.port(), &connect_v4("b", 30, None, None));
     assert_eq!(ack_a.as_deref(), Some(&CONNACK_OK[..]));
     assert_eq!(ack_b.as_deref(), Some(&CONNACK_OK[..]));
     let (mut c, ack_c) = Raw::connect(gw.port(), &connect_v4("c", 30, None, None));
     assert_eq!(ack_c, None, "a third connection got a CONNACK");
     assert!(c.closed_within(Duration::from_secs(2)));
+    // After the refusal both connections still subscribe, publish and receive, each way.
+    delivers_after_refusal(&mut a, &mut b, "a", 1, &gw);
+    delivers_after_refusal(&mut b, &mut a, "b", 2, &gw);
+}
+
+/// `sub` subscribes, `publ` publishes to it at QoS 1, and `sub` receives the message.
+fn delivers_after_refusal(sub: &mut Raw, publ: &mut Raw, name: &str, pkid: u16, gw: &Gateway) {
+    let filter = format!("keep/{name}/#");
+    sub.send(&subscribe_v4(pkid, &filter, 1));
+    assert_eq!(
+        sub.read_packet().as_deref(),
+        Some(&[0x90, 3, 0, pkid as u8, 1][..]),
+        "{name}: no SUBACK after the refusal; log:\n{}",
+        gw.log()
+    );
+    let topic = format!("keep/{name}/x");
+    publ.send(&publish_v4(&topic, 1, 10 + pkid, b"still working"));
+    assert_eq!(
+        publ.read_packet().as_deref(),
+        Some(&[0x40, 2, 0, 10 + pkid as u8][..]),
+        "no PUBACK for the publish to {name}; log:\n{}",
+        gw.log()
+    );
+    let got = sub.read_packet().unwrap_or_else(|| {
+        panic!(
+            "{name} received nothing after the refusal; log:\n{}",
+            gw.log()
+        )
+    });
+    assert_eq!(got[0] & 0xf0, 0x30, "{name}: not a PUBLISH: {got:?}");
+    assert!(
+        got.windows(topic.len()).any(|w| w == topic.as_bytes()) && got.ends_with(b"still working"),
+        "{name}: {got:?}"
+    );
 }
 
 const USERS: &str = "users:\n  - {username: dev1, password: pw1, publish: [\"sensors/dev1/#\"], subscribe: [\"cmd/dev1/#\"]}\n  - {username: admin, password: pw2}";
@@ -1060,18 +1094,24 @@ fn sigterm_with_devices_connected_stops_the_gateway_cleanly_and_keeps_what_was_a
     let url = upstream.url();
     upstream.stop();
     let dir = tempfile::tempdir().expect("creating a temp dir");
-    let mut gw = start_gateway(dir.path(), Some(&url), "");
+    // A long shutdown timeout: a connected device must not hold the exit until it runs out.
+    let mut gw = retry_on_port_clash(3, || {
+        let yaml = gateway_yaml(dir.path(), free_port(), Some(&url), "", "")
+            .replace("shutdown_timeout: 5s", "shutdown_timeout: 60s");
+        Gateway::try_start_with(dir.path(), &yaml)
+    });
     let (mut dev, ack) = Raw::connect(gw.port(), &connect_v4("stay", 30, None, None));
     assert_eq!(ack.as_deref(), Some(&CONNACK_OK[..]));
     dev.send(&publish_v4("sensors/stay", 1, 7, b"kept"));
     assert_eq!(dev.read_packet().as_deref(), Some(&[0x40, 2, 0, 7][..]));
     let started = Instant::now();
-    let status = gw.sigterm_and_wait(Duration::from_secs(10));
+    let status = gw.sigterm_and_wait(Duration::from_secs(90));
     assert!(status.success(), "exit {status:?}; log:\n{}", gw.log());
     assert!(
-        started.elapsed() < Duration::from_secs(6),
-        "took {:?}",
-        started.elapsed()
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}: the connected device held the shutdown; log:\n{}",
+        started.elapsed(),
+        gw.log()
     );
     let rows = gw.buffer_export();
     assert_eq!(rows.len(), 1, "{rows:?}");

@@ -107,7 +107,9 @@ fn status_reports_a_backlog_that_grows_while_the_upstream_is_down_and_drains_aft
     assert!(wait_until(Duration::from_secs(10), || status(&gw)
         ["uplink"]["state"]
         == "down"));
+    let before_publish = std::time::Instant::now();
     assert_eq!(publish_seq(gw.port(), "sensors/a", 40, 1), 40);
+    let after_publish = std::time::Instant::now();
     let mut last = serde_json::Value::Null;
     assert!(
         wait_until(Duration::from_secs(10), || {
@@ -118,7 +120,28 @@ fn status_reports_a_backlog_that_grows_while_the_upstream_is_down_and_drains_aft
     );
     assert_eq!(num(&last, "messages_in.mqtt"), 40.0);
     assert!(last["uplink"]["last_error"].is_string(), "{last:#}");
-    assert!(num(&last, "backlog.oldest_age_s") >= 0.0);
+    // The oldest row was stored between `before_publish` and `after_publish`: its age, read
+    // between `asked` and `answered`, lies between those bounds (1 ms rounding, 50 ms of clock
+    // slack). Polled until it has grown past 1 s, so a constant or a wrong unit cannot pass.
+    let mut bounds = (0.0, 0.0);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let asked = std::time::Instant::now();
+            last = status(&gw);
+            let answered = std::time::Instant::now();
+            bounds = (
+                (asked - after_publish).as_secs_f64() - 0.05,
+                (answered - before_publish).as_secs_f64() + 0.05,
+            );
+            let age = num(&last, "backlog.oldest_age_s");
+            assert!(
+                bounds.0 <= age && age <= bounds.1,
+                "oldest_age_s {age} outside {bounds:?}: {last:#}"
+            );
+            age >= 1.0
+        }),
+        "oldest_age_s never reached 1 s (last bounds {bounds:?}): {last:#}"
+    );
     // The human form says the same.
     let text = output_text(&gw.cli(&["status"]));
     assert!(text.contains("uplink:   down"), "{text}");
@@ -285,21 +308,45 @@ fn home_assistant_discovery_is_retained_json_with_the_right_state_topics() {
         "",
         "homeassistant:\n  enabled: true\ngpio:\n  backend: sim\n  inputs:\n    - {name: door, pin: 17}\n  outputs:\n    - {name: pump, pin: 27}\nserial:\n  ports:\n    - {name: temp, sim: {lines: [\"20.5\"], interval: 1s}, format: value, unit: \"°C\"}\n",
     );
-    // Subscribing after the fact: only retained messages can arrive.
-    let sub = Subscriber::start(
+    // `%r` is the retain flag of the copy the subscriber received.
+    let with_retain = ClientOpts {
+        format: Some("%t %r|%p".into()),
+        ..ClientOpts::qos(0)
+    };
+    // A first subscriber proves the discovery was published (live or retained copies)...
+    let early = Subscriber::start(
         gw.port(),
         "homeassistant/#",
-        &client_id("ha"),
-        &ClientOpts::qos(0),
+        &client_id("ha0"),
+        &with_retain,
     );
-    let msgs = sub.wait_for(5, Duration::from_secs(10));
+    let seen = early.wait_for(5, Duration::from_secs(10));
+    assert!(
+        seen.len() >= 5,
+        "no discovery: {seen:?}; log:
+{}",
+        gw.log()
+    );
+    // ...so a subscriber that comes after it gets only what the broker retained, and flagged so.
+    let late = Subscriber::start(
+        gw.port(),
+        "homeassistant/#",
+        &client_id("ha1"),
+        &with_retain,
+    );
+    let msgs = late.wait_for(5, Duration::from_secs(10));
     let find = |topic: &str| -> serde_json::Value {
-        let (_, p) = msgs.iter().find(|(t, _)| t == topic).unwrap_or_else(|| {
+        let (_, rest) = msgs.iter().find(|(t, _)| t == topic).unwrap_or_else(|| {
             panic!(
-                "no {topic}; got {:?}",
+                "no retained {topic} for a late subscriber; got {:?}",
                 msgs.iter().map(|m| &m.0).collect::<Vec<_>>()
             )
         });
+        let (retain, p) = rest.split_once('|').unwrap_or(("", rest));
+        assert_eq!(
+            retain, "1",
+            "{topic} reached the late subscriber without retain: {rest}"
+        );
         serde_json::from_str(p).unwrap_or_else(|e| panic!("{topic}: not JSON ({e}): {p}"))
     };
     let door = find("homeassistant/binary_sensor/test/door/config");

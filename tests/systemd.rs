@@ -33,6 +33,61 @@ fn collect(sock: &UnixDatagram, timeout: Duration, until: impl Fn(&str) -> bool)
     got
 }
 
+/// One QoS 1 publish (CONNECT, PUBLISH, PUBACK) through each listener, the four at once, each a
+/// single attempt: `mosquitto_pub` on plain 3.1.1, plain 5 and TLS, paho-mqtt on WebSocket.
+/// Returns a line per listener that failed.
+fn serve_once_on_every_listener(
+    port: u16,
+    v5_port: u16,
+    tls_port: u16,
+    ws_port: u16,
+    certs: &certs::Certs,
+) -> Vec<String> {
+    let pubs = |p: u16, extra: &[&str]| {
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-h", "localhost", "-p", &p.to_string()])
+            .args(["-t", "ready/check", "-m", "up", "-q", "1"])
+            .args(extra);
+        cmd
+    };
+    let tls_args = [
+        "--cafile",
+        &certs.ca_cert.display().to_string(),
+        "--cert",
+        &certs.client_cert.display().to_string(),
+        "--key",
+        &certs.client_key.display().to_string(),
+    ]
+    .map(String::from);
+    let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+    let script = format!(
+        "import paho.mqtt.client as m\nfrom paho.mqtt.enums import CallbackAPIVersion as V\n\
+         c = m.Client(V.VERSION2, client_id='ready-ws', transport='websockets')\n\
+         c.connect('127.0.0.1', {ws_port}, 30)\nc.loop_start()\n\
+         i = c.publish('ready/check', 'up', qos=1)\ni.wait_for_publish(5)\n\
+         assert i.is_published()\nc.disconnect()\nc.loop_stop()\n"
+    );
+    let mut ws = Command::new("python3");
+    ws.args(["-c", &script]);
+    let checks = vec![
+        (format!("plain {port}"), pubs(port, &["-V", "mqttv311"])),
+        (format!("v5 {v5_port}"), pubs(v5_port, &["-V", "mqttv5"])),
+        (format!("TLS {tls_port}"), pubs(tls_port, &tls_args)),
+        (format!("WebSocket {ws_port}"), ws),
+    ];
+    let runs: Vec<_> = checks
+        .into_iter()
+        .map(|(name, mut cmd)| {
+            std::thread::spawn(move || (name, run_with_timeout(&mut cmd, Duration::from_secs(15))))
+        })
+        .collect();
+    runs.into_iter()
+        .map(|t| t.join().expect("a listener check panicked"))
+        .filter(|(_, out)| !out.status.success())
+        .map(|(name, out)| format!("{name}: {}", output_text(&out)))
+        .collect()
+}
+
 #[test]
 fn the_gateway_reports_ready_status_watchdog_and_stopping_to_systemd() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -41,13 +96,18 @@ fn the_gateway_reports_ready_status_watchdog_and_stopping_to_systemd() {
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
 
+    let certs = certs::generate(dir.path());
     let port = free_port();
+    let (v5_port, tls_port, ws_port) = (free_port(), free_port(), free_port());
     let dead = free_port(); // nothing listens: the uplink stays down, which STATUS must say
     let config = dir.path().join("gw.yaml");
     std::fs::write(
         &config,
         format!(
-            "gateway:\n  id: sd\n  shutdown_timeout: 3s\nbroker:\n  listen: 127.0.0.1:{port}\nstore:\n  path: {}/buffer.db\nuplink:\n  url: mqtt://127.0.0.1:{dead}\n  forward:\n    - local: \"sensors/#\"\n",
+            "gateway:\n  id: sd\n  shutdown_timeout: 3s\nbroker:\n  listen: 127.0.0.1:{port}\n  listen_v5: 127.0.0.1:{v5_port}\n  tls: {{listen: 127.0.0.1:{tls_port}, cert_file: {}, key_file: {}, client_ca_file: {}}}\n  websocket: {{listen: 127.0.0.1:{ws_port}}}\nstore:\n  path: {}/buffer.db\nuplink:\n  url: mqtt://127.0.0.1:{dead}\n  forward:\n    - local: \"sensors/#\"\n",
+            certs.server_cert.display(),
+            certs.server_key.display(),
+            certs.ca_cert.display(),
             dir.path().display()
         ),
     )
@@ -73,9 +133,12 @@ fn the_gateway_reports_ready_status_watchdog_and_stopping_to_systemd() {
         ready.contains("STATUS="),
         "READY=1 should come with a STATUS line: {ready:?}"
     );
+    // At that moment every listener serves a device: one attempt each, all at once, no retry.
+    let failed = serve_once_on_every_listener(port, v5_port, tls_port, ws_port, &certs);
     assert!(
-        port_accepts(port),
-        "READY=1 was sent before the broker accepted connections"
+        failed.is_empty(),
+        "READY=1 was sent before these listeners served a device:\n{}",
+        failed.join("\n")
     );
 
     // While running: watchdog pings and a status line naming the link state and the backlog.

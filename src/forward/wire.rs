@@ -456,6 +456,19 @@ mod tests {
                 &mut buf,
             )
             .expect("encode");
+        if protocol == Protocol::V5 {
+            // The upstream's view of the same bytes: the message id is the `edgegate-id`
+            // user property, and nothing else is added.
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            let mut peer = buf.clone();
+            match Packet::read(&mut peer, None).expect("a v5 peer decodes our PUBLISH") {
+                Packet::Publish(p) => assert_eq!(
+                    p.properties.map(|p| p.user_properties),
+                    Some(vec![("edgegate-id".to_string(), "gw/7".to_string())])
+                ),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
         // A peer's view of our bytes: decoding our own PUBLISH gives it back.
         let got = codec.decode(&mut buf).expect("decode").expect("complete");
         match got {
