@@ -396,7 +396,7 @@ fn an_upstream_killed_every_second_without_persistence_loses_and_reorders_nothin
 // ---------------------------------------------------------------------------------------------
 // A full filesystem
 
-const NO_TMPFS: &str = "skipped: cannot mount a tmpfs here; the store's ENOSPC and min_free_disk paths are still covered by src/store/tests.rs (sqlite_full_during_a_commit_rolls_back_counts_disk_full_and_the_store_keeps_going, below_min_free_disk_appends_are_refused_and_counted_while_acks_still_run)";
+const NO_TMPFS: &str = "cannot mount a tmpfs here (the store's ENOSPC and min_free_disk paths are still covered by src/store/tests.rs: sqlite_full_during_a_commit_rolls_back_counts_disk_full_and_the_store_keeps_going, below_min_free_disk_appends_are_refused_and_counted_while_acks_still_run)";
 
 /// What reached `sub` on `topic` of payloads `"<i> <padding>"`, i in 0..n.
 fn numbered_report(sub: &Subscriber, topic: &str, n: usize) -> SeqReport {
@@ -423,10 +423,7 @@ fn a_full_store_filesystem_holds_qos1_messages_until_the_drain_makes_room_and_de
     let store_dir = tmp.path().join("store");
     let _mount = match Tmpfs::mount(&store_dir, "4m") {
         Ok(m) => m,
-        Err(why) => {
-            println!("{NO_TMPFS}\nmount said:\n{why}");
-            return;
-        }
+        Err(why) => return skip("a_full_store_filesystem_holds_qos1_messages_until_the_drain_makes_room_and_delivers_every_one", &format!("{NO_TMPFS}; mount said: {why}")),
     };
     let filler = store_dir.join("filler");
     write_filler(&filler, 5 * 512 * 1024);
@@ -519,10 +516,7 @@ fn below_min_free_disk_qos0_is_counted_qos1_is_held_and_both_flow_again_when_spa
     let store_dir = tmp.path().join("store");
     let _mount = match Tmpfs::mount(&store_dir, "8m") {
         Ok(m) => m,
-        Err(why) => {
-            println!("{NO_TMPFS}\nmount said:\n{why}");
-            return;
-        }
+        Err(why) => return skip("below_min_free_disk_qos0_is_counted_qos1_is_held_and_both_flow_again_when_space_returns", &format!("{NO_TMPFS}; mount said: {why}")),
     };
     let upstream = Mosquitto::start(MosquittoOpts::default());
     let sub = Subscriber::start(
