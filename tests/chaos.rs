@@ -158,17 +158,52 @@ fn received_keys(sub: &Subscriber) -> BTreeSet<(usize, usize)> {
 }
 
 /// Rows in the dead gateway's store that the upstream already has: they will be sent again, so
-/// this is exactly the duplicates this crash causes. Waits a moment first so that what the
-/// upstream got before the kill has reached the subscriber.
-fn redelivered(sub: &Subscriber, rows: &[(usize, usize)]) -> usize {
-    thread::sleep(ms(300));
+/// this is exactly the duplicates this crash causes. First waits (bounded) until what the
+/// upstream got before the kill has reached the subscriber: a marker published to the upstream
+/// after the kill (the gateway is dead, so nothing else arrives after it) comes through only
+/// after everything mosquitto received before it.
+fn redelivered(
+    upstream: &Mosquitto,
+    sub: &Subscriber,
+    kill: usize,
+    rows: &[(usize, usize)],
+) -> usize {
+    let marker = format!("kill {kill}");
+    publish(upstream.port(), "sensors/chaos/marker", &marker, 1);
+    let through = wait_until(Duration::from_secs(30), || {
+        sub.messages()
+            .iter()
+            .any(|(t, p)| t == "sensors/chaos/marker" && p.trim() == marker)
+    });
+    assert!(
+        through,
+        "the upstream's marker `{marker}` never reached the subscriber"
+    );
     let got = received_keys(sub);
     rows.iter().filter(|r| got.contains(r)).count()
+}
+
+/// The store file of a dead gateway, read two ways: `buffer export` and `buffer stats` must
+/// agree on how many rows it holds (an export that reads a dead file as empty, or a stats that
+/// counts what is not there, fails here). Returns the `sensors/chaos/*` rows.
+fn rows_at_kill(gw: &Gateway, when: &str) -> Vec<(usize, usize)> {
+    let exported = gw.buffer_export().len() as u64;
+    let counted = stat(&gw.buffer_stats(), "rows");
+    assert_eq!(
+        exported, counted,
+        "{when}: buffer export gives {exported} rows of the dead gateway's store, buffer stats {counted}"
+    );
+    stored_rows(gw)
 }
 
 /// Kill rounds: each round `kill -9`s the gateway once while a device publishes QoS 1 (faster
 /// than `max_rate`, so a backlog also builds) and once while that backlog drains with no device
 /// connected, at seeded random moments, restarting it each time.
+///
+/// Asserted at each kill (the gateway dead): `buffer export` and `buffer stats` of its file agree;
+/// a kill while publishing finds rows in the store (the device outruns `max_rate`, so a backlog
+/// must be there: a gateway that forwards without storing fails here), and a kill while
+/// draining finds no more rows than the backlog seen just before it.
 ///
 /// Asserted, after the last restart:
 /// - every message that was in the store file at any of the kills (`buffer export` of the dead
@@ -220,8 +255,13 @@ fn kill_9_at_random_moments_loses_no_committed_message_and_keeps_order_per_topic
         kills += 1;
         stop.store(true, Ordering::Relaxed);
         let sent = publisher.join().expect("device thread panicked");
-        let rows = stored_rows(&gw);
-        per_crash.push(redelivered(&sub, &rows));
+        let rows = rows_at_kill(&gw, &format!("round {round}, kill while publishing"));
+        assert!(
+            !rows.is_empty(),
+            "round {round}: kill -9 after {after} ms of publishing ({sent} sent, faster than max_rate {max_rate}/s) found no row in the store\ngateway log:\n{}",
+            gw.log()
+        );
+        per_crash.push(redelivered(&upstream, &sub, kills, &rows));
         println!(
             "round {round}: kill -9 while publishing after {after} ms: {sent} sent, {} rows in the store, {} of them already upstream",
             rows.len(),
@@ -242,8 +282,13 @@ fn kill_9_at_random_moments_loses_no_committed_message_and_keeps_order_per_topic
         });
         gw.kill9();
         kills += 1;
-        let rows = stored_rows(&gw);
-        per_crash.push(redelivered(&sub, &rows));
+        let rows = rows_at_kill(&gw, &format!("round {round}, kill while draining"));
+        assert!(
+            rows.len() as u64 <= left,
+            "round {round}: {} rows in the store after the kill, but only {left} just before it",
+            rows.len()
+        );
+        per_crash.push(redelivered(&upstream, &sub, kills, &rows));
         println!(
             "round {round}: kill -9 while draining at {left} of {backlog} rows (target {target}) after {} ms: {} rows in the store, {} of them already upstream",
             started.elapsed().as_millis(),
