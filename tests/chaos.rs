@@ -158,17 +158,52 @@ fn received_keys(sub: &Subscriber) -> BTreeSet<(usize, usize)> {
 }
 
 /// Rows in the dead gateway's store that the upstream already has: they will be sent again, so
-/// this is exactly the duplicates this crash causes. Waits a moment first so that what the
-/// upstream got before the kill has reached the subscriber.
-fn redelivered(sub: &Subscriber, rows: &[(usize, usize)]) -> usize {
-    thread::sleep(ms(300));
+/// this is exactly the duplicates this crash causes. First waits (bounded) until what the
+/// upstream got before the kill has reached the subscriber: a marker published to the upstream
+/// after the kill (the gateway is dead, so nothing else arrives after it) comes through only
+/// after everything mosquitto received before it.
+fn redelivered(
+    upstream: &Mosquitto,
+    sub: &Subscriber,
+    kill: usize,
+    rows: &[(usize, usize)],
+) -> usize {
+    let marker = format!("kill {kill}");
+    publish(upstream.port(), "sensors/chaos/marker", &marker, 1);
+    let through = wait_until(Duration::from_secs(30), || {
+        sub.messages()
+            .iter()
+            .any(|(t, p)| t == "sensors/chaos/marker" && p.trim() == marker)
+    });
+    assert!(
+        through,
+        "the upstream's marker `{marker}` never reached the subscriber"
+    );
     let got = received_keys(sub);
     rows.iter().filter(|r| got.contains(r)).count()
+}
+
+/// The store file of a dead gateway, read two ways: `buffer export` and `buffer stats` must
+/// agree on how many rows it holds (an export that reads a dead file as empty, or a stats that
+/// counts what is not there, fails here). Returns the `sensors/chaos/*` rows.
+fn rows_at_kill(gw: &Gateway, when: &str) -> Vec<(usize, usize)> {
+    let exported = gw.buffer_export().len() as u64;
+    let counted = stat(&gw.buffer_stats(), "rows");
+    assert_eq!(
+        exported, counted,
+        "{when}: buffer export gives {exported} rows of the dead gateway's store, buffer stats {counted}"
+    );
+    stored_rows(gw)
 }
 
 /// Kill rounds: each round `kill -9`s the gateway once while a device publishes QoS 1 (faster
 /// than `max_rate`, so a backlog also builds) and once while that backlog drains with no device
 /// connected, at seeded random moments, restarting it each time.
+///
+/// Asserted at each kill (the gateway dead): `buffer export` and `buffer stats` of its file agree;
+/// a kill while publishing finds rows in the store (the device outruns `max_rate`, so a backlog
+/// must be there: a gateway that forwards without storing fails here), and a kill while
+/// draining finds no more rows than the backlog seen just before it.
 ///
 /// Asserted, after the last restart:
 /// - every message that was in the store file at any of the kills (`buffer export` of the dead
@@ -220,8 +255,13 @@ fn kill_9_at_random_moments_loses_no_committed_message_and_keeps_order_per_topic
         kills += 1;
         stop.store(true, Ordering::Relaxed);
         let sent = publisher.join().expect("device thread panicked");
-        let rows = stored_rows(&gw);
-        per_crash.push(redelivered(&sub, &rows));
+        let rows = rows_at_kill(&gw, &format!("round {round}, kill while publishing"));
+        assert!(
+            !rows.is_empty(),
+            "round {round}: kill -9 after {after} ms of publishing ({sent} sent, faster than max_rate {max_rate}/s) found no row in the store\ngateway log:\n{}",
+            gw.log()
+        );
+        per_crash.push(redelivered(&upstream, &sub, kills, &rows));
         println!(
             "round {round}: kill -9 while publishing after {after} ms: {sent} sent, {} rows in the store, {} of them already upstream",
             rows.len(),
@@ -242,8 +282,13 @@ fn kill_9_at_random_moments_loses_no_committed_message_and_keeps_order_per_topic
         });
         gw.kill9();
         kills += 1;
-        let rows = stored_rows(&gw);
-        per_crash.push(redelivered(&sub, &rows));
+        let rows = rows_at_kill(&gw, &format!("round {round}, kill while draining"));
+        assert!(
+            rows.len() as u64 <= left,
+            "round {round}: {} rows in the store after the kill, but only {left} just before it",
+            rows.len()
+        );
+        per_crash.push(redelivered(&upstream, &sub, kills, &rows));
         println!(
             "round {round}: kill -9 while draining at {left} of {backlog} rows (target {target}) after {} ms: {} rows in the store, {} of them already upstream",
             started.elapsed().as_millis(),
@@ -396,7 +441,7 @@ fn an_upstream_killed_every_second_without_persistence_loses_and_reorders_nothin
 // ---------------------------------------------------------------------------------------------
 // A full filesystem
 
-const NO_TMPFS: &str = "skipped: cannot mount a tmpfs here; the store's ENOSPC and min_free_disk paths are still covered by src/store/tests.rs (sqlite_full_during_a_commit_rolls_back_counts_disk_full_and_the_store_keeps_going, below_min_free_disk_appends_are_refused_and_counted_while_acks_still_run)";
+const NO_TMPFS: &str = "cannot mount a tmpfs here (the store's ENOSPC and min_free_disk paths are still covered by src/store/tests.rs: sqlite_full_during_a_commit_rolls_back_counts_disk_full_and_the_store_keeps_going, below_min_free_disk_appends_are_refused_and_counted_while_acks_still_run)";
 
 /// What reached `sub` on `topic` of payloads `"<i> <padding>"`, i in 0..n.
 fn numbered_report(sub: &Subscriber, topic: &str, n: usize) -> SeqReport {
@@ -423,10 +468,7 @@ fn a_full_store_filesystem_holds_qos1_messages_until_the_drain_makes_room_and_de
     let store_dir = tmp.path().join("store");
     let _mount = match Tmpfs::mount(&store_dir, "4m") {
         Ok(m) => m,
-        Err(why) => {
-            println!("{NO_TMPFS}\nmount said:\n{why}");
-            return;
-        }
+        Err(why) => return skip("a_full_store_filesystem_holds_qos1_messages_until_the_drain_makes_room_and_delivers_every_one", &format!("{NO_TMPFS}; mount said: {why}")),
     };
     let filler = store_dir.join("filler");
     write_filler(&filler, 5 * 512 * 1024);
@@ -519,10 +561,7 @@ fn below_min_free_disk_qos0_is_counted_qos1_is_held_and_both_flow_again_when_spa
     let store_dir = tmp.path().join("store");
     let _mount = match Tmpfs::mount(&store_dir, "8m") {
         Ok(m) => m,
-        Err(why) => {
-            println!("{NO_TMPFS}\nmount said:\n{why}");
-            return;
-        }
+        Err(why) => return skip("below_min_free_disk_qos0_is_counted_qos1_is_held_and_both_flow_again_when_space_returns", &format!("{NO_TMPFS}; mount said: {why}")),
     };
     let upstream = Mosquitto::start(MosquittoOpts::default());
     let sub = Subscriber::start(

@@ -697,9 +697,28 @@ fn a_full_store_with_drop_newest_counts_every_refused_qos0_message_exactly() {
         Some(0),
         "{status:#}"
     );
-    // drop_newest keeps the oldest rows: export holds exactly them.
+    // drop_newest keeps the oldest rows: export holds exactly them, numbers 0..rows in order
+    // (drop_oldest would keep the newest, a tail ending at n - 1).
     let exported = gw.buffer_export();
     assert_eq!(exported.len() as u64, rows, "export disagrees with stats");
+    let kept: Vec<u64> = exported
+        .iter()
+        .map(|r| {
+            r["payload"]
+                .as_str()
+                .and_then(|p| p.split(' ').next())
+                .and_then(|i| i.parse().ok())
+                .unwrap_or_else(|| panic!("not a numbered row: {r}"))
+        })
+        .collect();
+    let oldest: Vec<u64> = (0..rows).collect();
+    assert!(
+        kept == oldest,
+        "drop_newest must keep the first {rows} of {n} messages; kept {} rows, first {:?}, last {:?}",
+        kept.len(),
+        &kept[..kept.len().min(5)],
+        &kept[kept.len().saturating_sub(5)..]
+    );
 }
 
 #[test]

@@ -322,10 +322,6 @@ fn arrived(sub: &Subscriber) -> (BTreeSet<usize>, usize) {
     (set, dup)
 }
 
-fn skip(why: &str) {
-    println!("skipped: {why}");
-}
-
 /// An upstream that has a persistent subscriber on `sensors/#` and is then stopped: the
 /// gateway starts with its link down.
 fn upstream_down() -> (Mosquitto, Subscriber) {
@@ -376,7 +372,7 @@ fn a_store_filling_its_own_disk_holds_an_mqtt_3_device_and_takes_its_messages_af
     let store_dir = tmp.path().join("store");
     let _mnt = match Tmpfs::mount(&store_dir, "3m") {
         Ok(m) => m,
-        Err(why) => return skip(&format!("cannot mount a tmpfs: {why}")),
+        Err(why) => return skip("a_store_filling_its_own_disk_holds_an_mqtt_3_device_and_takes_its_messages_after_the_drain", &format!("cannot mount a tmpfs: {why}")),
     };
     let (mut up, sub) = upstream_down();
     let gw = start_on(tmp.path(), &store_dir, &up, "min_free_disk: 256KiB", "");
@@ -464,7 +460,12 @@ fn on_a_full_disk_an_mqtt_5_device_gets_puback_0x97_and_every_success_is_stored(
     let store_dir = tmp.path().join("store");
     let _mnt = match Tmpfs::mount(&store_dir, "3m") {
         Ok(m) => m,
-        Err(why) => return skip(&format!("cannot mount a tmpfs: {why}")),
+        Err(why) => {
+            return skip(
+                "on_a_full_disk_an_mqtt_5_device_gets_puback_0x97_and_every_success_is_stored",
+                &format!("cannot mount a tmpfs: {why}"),
+            )
+        }
     };
     let (mut up, sub) = upstream_down();
     let gw = start_on(tmp.path(), &store_dir, &up, "min_free_disk: 256KiB", "");
@@ -522,7 +523,10 @@ fn a_disk_another_file_filled_to_the_last_byte_still_drains_and_then_takes_new_m
     let store_dir = tmp.path().join("store");
     let _mnt = match Tmpfs::mount(&store_dir, "8m") {
         Ok(m) => m,
-        Err(why) => return skip(&format!("cannot mount a tmpfs: {why}")),
+        Err(why) => return skip(
+            "a_disk_another_file_filled_to_the_last_byte_still_drains_and_then_takes_new_messages",
+            &format!("cannot mount a tmpfs: {why}"),
+        ),
     };
     let (mut up, sub) = upstream_down();
     let gw = start_on(tmp.path(), &store_dir, &up, "min_free_disk: 256KiB", "");
@@ -616,7 +620,12 @@ fn a_restart_on_a_full_disk_sends_again_only_what_the_duplicate_bound_allows() {
     let store_dir = tmp.path().join("store");
     let _mnt = match Tmpfs::mount(&store_dir, "8m") {
         Ok(m) => m,
-        Err(why) => return skip(&format!("cannot mount a tmpfs: {why}")),
+        Err(why) => {
+            return skip(
+                "a_restart_on_a_full_disk_sends_again_only_what_the_duplicate_bound_allows",
+                &format!("cannot mount a tmpfs: {why}"),
+            )
+        }
     };
     let (mut up, sub) = upstream_down();
     // 2 000 msg/s upstream, 20 in flight: the kill lands mid-drain, and the bound is
@@ -676,7 +685,10 @@ fn a_store_remounted_read_only_refuses_new_messages_and_keeps_forwarding_what_it
     let store_dir = tmp.path().join("card");
     let card = match Ext4Loop::mount(&store_dir, 32) {
         Ok(c) => c,
-        Err(why) => return skip(&format!("cannot mount an ext4 loop device: {why}")),
+        Err(why) => return skip(
+            "a_store_remounted_read_only_refuses_new_messages_and_keeps_forwarding_what_it_holds",
+            &format!("cannot mount an ext4 loop device: {why}"),
+        ),
     };
     let (mut up, sub) = upstream_down();
     let gw = start_on(tmp.path(), &store_dir, &up, "min_free_disk: 1MiB", "");

@@ -1491,6 +1491,37 @@ impl Drop for Tmpfs {
     }
 }
 
+/// True where a skipped environment test would hide a hole: CI (`CI` set) or running as root,
+/// where mounting a tmpfs or a loop device must work.
+pub fn skipping_is_forbidden() -> bool {
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
+    let root = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false);
+    ci || root
+}
+
+/// A test that cannot run here says so on a line of its own on stderr, `SKIPPED: <test>: <why>`,
+/// which `tests/ci.sh` collects and prints; in CI or as root (see [`skipping_is_forbidden`]) it fails
+/// instead, so a broken environment never counts as a pass. The caller returns after this.
+pub fn skip(test: &str, why: &str) {
+    if skipping_is_forbidden() {
+        panic!("{test} cannot run here, and skipping is not allowed in CI or as root: {why}");
+    }
+    // Straight to the process's stderr, past the test harness's capture: a passing test's
+    // output is otherwise hidden, and a skip must be seen.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: {test}: {}",
+        why.trim().replace('\n', " | ")
+    );
+}
+
 /// Fills `path` with `bytes` of real data (tmpfs has no holes to cheat with).
 pub fn write_filler(path: &Path, bytes: usize) {
     let mut f = fs::File::create(path).expect("creating the filler file");
