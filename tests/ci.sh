@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=()
 for cmd_pkg in mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients \
-               socat:socat openssl:openssl; do
+               socat:socat openssl:openssl g++:g++; do
   cmd=${cmd_pkg%%:*}; pkg=${cmd_pkg##*:}
   if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then need_pkgs+=("$pkg"); fi
 done
