@@ -50,10 +50,6 @@ impl LocalLink {
         }
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     fn closed(&self, reason: impl ToString) -> LinkClosed {
         LinkClosed {
             link: self.name.clone(),
