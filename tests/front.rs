@@ -1520,3 +1520,70 @@ fn an_mqtt5_session_with_an_expiry_keeps_its_subscription_counted_after_it_vanis
         );
     }
 }
+
+/// Reads one PUBACK for `id` on `r`, panicking with the gateway's log otherwise.
+fn expect_puback(r: &mut Raw, id: u16, gw: &Gateway) {
+    let [hi, lo] = id.to_be_bytes();
+    assert_eq!(
+        r.read_packet(),
+        Some(vec![0x40, 2, hi, lo]),
+        "PUBACK {id}; log:\n{}",
+        gw.log()
+    );
+}
+
+#[test]
+fn a_lone_message_waits_for_company_but_a_device_that_waits_for_its_pubacks_does_not() {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let up = Mosquitto::start(MosquittoOpts::default());
+    // A linger long enough to tell apart from a commit at once on any machine.
+    let linger = Duration::from_secs(2);
+    let gw = retry_on_port_clash(3, || {
+        let yaml = gateway_yaml(
+            dir.path(),
+            free_port(),
+            Some(&up.url()),
+            "commit_interval: 2s",
+            "",
+        );
+        Gateway::try_start_with(dir.path(), &yaml)
+    });
+    let (mut r, ack) = Raw::connect(gw.port(), &connect_v4(&client_id("lone"), 30, None, None));
+    assert_eq!(ack.as_deref(), Some(&CONNACK_OK[..]));
+    r.s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("setting a read timeout");
+
+    // A sensor's first message: nobody is known to wait, so it waits for others to share its
+    // commit.
+    let started = Instant::now();
+    r.send(&publish_v4("sensors/lone", 1, 1, b"first"));
+    expect_puback(&mut r, 1, &gw);
+    let lone = started.elapsed();
+    assert!(
+        lone >= linger - Duration::from_millis(100),
+        "PUBACK after {lone:?}"
+    );
+
+    // The device now publishes each message as soon as the last one is acknowledged: each is
+    // committed at once. Ten lingers would take 20 s.
+    let started = Instant::now();
+    for id in 2..=11u16 {
+        r.send(&publish_v4("sensors/lone", 1, id, b"next"));
+        expect_puback(&mut r, id, &gw);
+    }
+    let ten = started.elapsed();
+    assert!(ten < linger * 4, "ten PUBACKs took {ten:?}");
+
+    // A new device that pipelines: its second message, arriving while the first waits for
+    // company, hurries the first.
+    let (mut p, ack) = Raw::connect(gw.port(), &connect_v4(&client_id("pipe"), 30, None, None));
+    assert_eq!(ack.as_deref(), Some(&CONNACK_OK[..]));
+    let started = Instant::now();
+    p.send(&publish_v4("sensors/pipe", 1, 1, b"a"));
+    std::thread::sleep(Duration::from_millis(50));
+    p.send(&publish_v4("sensors/pipe", 1, 2, b"b"));
+    expect_puback(&mut p, 1, &gw);
+    expect_puback(&mut p, 2, &gw);
+    let piped = started.elapsed();
+    assert!(piped < linger, "two pipelined PUBACKs took {piped:?}");
+}

@@ -6,7 +6,9 @@
 //! unacked is read again from the store (a fresh cursor), oldest first within each priority, so
 //! order survives outages and restarts — whatever the upstream remembers of the old session
 //! (`session_present`), the store is the source of truth. Duplicates after a crash are bounded by
-//! the in-flight window plus the acks not yet committed (at most `commit_interval` of traffic).
+//! the in-flight window plus the acks not yet committed: a delete waits for the next commit of
+//! new rows, or at most ten store lingers (100 ms at the default `commit_interval`, up to 1 s on
+//! a slow card).
 
 mod pacing;
 mod session;

@@ -9,8 +9,11 @@
 //! - a QoS 1/2 PUBLISH on a forwarded topic is appended to the store first and held until its
 //!   transaction commits; only then are its bytes passed on, so the PUBACK/PUBREC rumqttd sends
 //!   back follows the commit. Later packets of the same connection wait behind it (a FIFO), so
-//!   nothing overtakes a held message. The store commits whatever is queued at once
-//!   (`Durability::Now`): concurrent connections share transactions, with no fixed linger.
+//!   nothing overtakes a held message. How soon the store commits depends on how the device
+//!   sends (see [`rows`]): a device that waits for its PUBACKs (it pipelines, or sends the next
+//!   message as soon as the last is acknowledged) is committed at once; a device that publishes
+//!   now and then lets its message wait a small share of its own publishing interval, so that
+//!   many devices share one transaction and one fsync.
 //! - a QoS 0 PUBLISH on a forwarded topic is appended without waiting and passed on at once.
 //! - **direct**: a non-retained QoS 0/1 PUBLISH on a forwarded topic that no local subscription
 //!   filter matches ([`subs`]) is stored like the above but never passed on: rumqttd would only

@@ -15,12 +15,25 @@
 //!
 //! Held (QoS 1/2) messages take their verdicts in order from [`Rows::take_verdict`] as they
 //! leave the connection's FIFO.
+//!
+//! # How soon
+//! Each offer says how long its rows may wait for other devices' rows to share their commit
+//! (group commit across devices; one fsync and a few pages of log per transaction, whatever
+//! it holds). A device that waits for us — a message arrives while an earlier one of the
+//! connection is still with the store, or within two store lingers after the store answered
+//! the last one — gets [`Durability::Now`], and a lingering offer in flight is hurried
+//! ([`StoreHandle::hurry`]): a fast publisher is never slowed down. Any other QoS 1/2 message
+//! gets [`Durability::Within`] 1/25 of the connection's usual time between messages (a running
+//! estimate that drops at once with a burst): 40 ms for a sensor publishing once a second. The
+//! store bounds that (at least its own linger, at most ten `commit_interval`s). A connection's
+//! first message, with no interval known yet, gets the store's linger.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -29,6 +42,14 @@ use crate::store::{
     Admission, AppendOutcome, Durability, NewMessage, PendingCommit, Refusal, StoreError,
     StoreHandle,
 };
+
+/// A message that arrives within this many store lingers after the store answered the
+/// connection's last one comes from a device that sends as fast as it is acknowledged.
+const SOON_AFTER_LINGERS: u32 = 2;
+/// A message of a device that waits for nobody may wait this share of the usual time between
+/// its messages for its commit (1/25: 40 ms for a device that publishes once a second), within
+/// the store's bounds (see [`Durability::Within`]).
+const INTERVAL_SHARE: u32 = 25;
 
 /// What the store said about one held (QoS 1/2) message: `None` stored, else refused.
 pub(super) type Verdict = Option<Refusal>;
@@ -66,6 +87,15 @@ pub(super) struct Rows<'a> {
     blocked: Option<Refusal>,
     /// Held messages counted in `counters.messages_held`.
     held_counted: usize,
+    /// A row among `unoffered` came from a device that waits for us (see [`Rows::push`]).
+    eager: bool,
+    /// The offer in flight may linger, and the store was not asked to hurry it yet.
+    lingering: bool,
+    /// When the store last answered for held messages of this connection.
+    last_answer: Option<Instant>,
+    /// When the last QoS 1/2 message was read, and the usual time between them.
+    last_push: Option<Instant>,
+    interval: Option<Duration>,
 }
 
 impl<'a> Rows<'a> {
@@ -81,15 +111,47 @@ impl<'a> Rows<'a> {
             verdicts: VecDeque::new(),
             blocked: None,
             held_counted: 0,
+            eager: false,
+            lingering: false,
+            last_answer: None,
+            last_push: None,
+            interval: None,
         }
     }
 
     /// Queues the row of a message published with `qos`.
+    ///
+    /// A QoS 1/2 message says how its device sends: one that arrives while an earlier one
+    /// waits for the store (the device pipelines, and its window fills), or soon after the
+    /// store answered the last one (it sends as fast as it is acknowledged), comes from a
+    /// device that waits for us. Its rows are committed at once, and a lingering offer in
+    /// flight is hurried. Any other (a sensor that publishes now and then) may linger so that
+    /// the store can commit it together with other devices' messages.
     pub fn push(&mut self, row: NewMessage, qos: u8) {
         self.unoffered.push(row);
         self.unoffered_qos.push(qos);
-        if self.blocked.is_some() && qos > 0 {
+        if qos == 0 {
+            return;
+        }
+        if self.blocked.is_some() {
             self.count_held(1);
+        }
+        let now = Instant::now();
+        if let Some(last) = self.last_push.replace(now) {
+            // Falls at once with a burst, rises slowly with a device that slows down.
+            let gap = now - last;
+            self.interval = Some(self.interval.map_or(gap, |i| gap.min((i * 3 + gap) / 4)));
+        }
+        if self.inflight.is_some() {
+            self.eager = true;
+            if std::mem::take(&mut self.lingering) {
+                self.store.hurry();
+            }
+        } else if self
+            .last_answer
+            .is_some_and(|t| now - t < self.store.linger() * SOON_AFTER_LINGERS)
+        {
+            self.eager = true;
         }
     }
 
@@ -111,7 +173,13 @@ impl<'a> Rows<'a> {
             drop(self.store.append(rows, Durability::Linger));
             return;
         }
-        self.inflight = Some((self.store.offer(rows, Durability::Now), qos));
+        let durability = match (std::mem::take(&mut self.eager), self.interval) {
+            (true, _) => Durability::Now,
+            (false, None) => Durability::Linger,
+            (false, Some(i)) => Durability::Within(i / INTERVAL_SHARE),
+        };
+        self.lingering = durability != Durability::Now;
+        self.inflight = Some((self.store.offer(rows, durability), qos));
     }
 
     /// The verdict of the next held message, once the store has given it.
@@ -147,6 +215,8 @@ impl<'a> Rows<'a> {
         if self.blocked.take().is_some() {
             self.count_held_done();
         }
+        // They have waited long enough.
+        self.eager = true;
         self.offer();
     }
 
@@ -155,10 +225,12 @@ impl<'a> Rows<'a> {
         let Some((_, qos)) = self.inflight.take() else {
             return Ok(());
         };
+        self.lingering = false;
         let out = r.map_err(RowsError::Store)?;
         for &q in &qos[..out.stored.min(qos.len())] {
             if q > 0 {
                 self.verdicts.push_back(None);
+                self.last_answer = Some(Instant::now());
             }
         }
         let Some(refused) = out.refused else {
@@ -168,6 +240,7 @@ impl<'a> Rows<'a> {
         if out.stored > 0 && !reason.is_permanent() {
             // The store took a first part (the rest did not fit yet): offer the rest again at
             // once, ahead of what was read since; only a refusal of everything holds.
+            self.eager = true;
             let rest_qos = qos[out.stored.min(qos.len())..].to_vec();
             let mut rows = refused.rows;
             rows.append(&mut self.unoffered);

@@ -31,9 +31,14 @@
 //! A `rusqlite::Connection` is blocking and not `Sync`. The thread named `store` owns it; async
 //! code sends commands over a channel and awaits a oneshot reply, so no runtime thread ever waits
 //! on the disk. The thread batches everything queued into one transaction (group commit): measured
-//! here, 1 row per transaction writes ~4.5 KB per 100-byte message, 1000 rows ~220 B. A fixed
-//! linger would kill the throughput of callers that wait for each commit, so a
-//! [`Durability::Now`] append commits at once, together with whatever else is already queued.
+//! here, 1 row per transaction writes ~4.5 KB per 100-byte message, 1000 rows ~220 B. How long
+//! the thread waits for company is the caller's to say: a [`Durability::Now`] append (someone is
+//! waiting for it) commits at once with whatever is queued; a [`Durability::Linger`] one waits
+//! up to [`StoreHandle::linger`] — `commit_interval`, or five times what recent commits took
+//! when the disk is slow (a Pi's card), at most ten `commit_interval`s — and a
+//! [`Durability::Within`] one as long as the caller allows within those bounds.
+//! [`StoreHandle::hurry`] commits a lingering batch at once. Acks wait for the next commit of new
+//! rows, or at most ten lingers.
 //!
 //! # Crashes
 //! Only committed work survives. If every handle is dropped without [`StoreHandle::close`], the
@@ -53,6 +58,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::task::{Context, Poll};
 
@@ -128,9 +134,12 @@ impl StoredMessage {
 /// How soon an append must be committed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
-    /// The thread may wait up to `commit_interval` (or until `commit_max_rows` rows are queued)
-    /// to put more rows in the same transaction.
+    /// The thread may wait up to [`StoreHandle::linger`] (or until `commit_max_rows` rows are
+    /// queued) to put more rows in the same transaction.
     Linger,
+    /// Like `Linger`, but the caller allows this long (at least [`StoreHandle::linger`], at
+    /// most ten times `commit_interval`): a device that publishes rarely may wait longer.
+    Within(std::time::Duration),
     /// Commit everything queued right away: someone is waiting to acknowledge a device.
     Now,
 }
@@ -499,6 +508,8 @@ enum Command {
         reply: Reply<AppendOutcome>,
     },
     Ack(Vec<i64>),
+    /// Commit what is queued at once (see [`StoreHandle::hurry`]).
+    Hurry,
     /// Rows a caller dropped after the store refused them (see [`StoreHandle::count_dropped`]).
     Dropped(Refusal, u64),
     Fetch {
@@ -553,6 +564,7 @@ pub struct StoreHandle {
     committed: watch::Receiver<u64>,
     health: watch::Receiver<Health>,
     admission: watch::Receiver<Admission>,
+    linger_us: Arc<AtomicU64>,
     path: Arc<PathBuf>,
 }
 
@@ -568,7 +580,7 @@ impl StoreHandle {
     /// Queues rows for the next transaction at once (never blocks) and returns a future that
     /// resolves after that transaction commits. The caller may await it or drop it.
     ///
-    /// `Linger`: the thread may wait up to `commit_interval` to batch more rows (until
+    /// `Linger`: the thread may wait up to [`StoreHandle::linger`] to batch more rows (until
     /// `commit_max_rows` are queued). `Now`: commit everything queued immediately.
     /// Acks sent earlier from the same task are committed in the same or an earlier transaction.
     ///
@@ -586,12 +598,24 @@ impl StoreHandle {
         self.send_append(msgs, durability, OnRefusal::Return)
     }
 
+    /// Commits whatever is queued at once, as if the last append had been [`Durability::Now`]:
+    /// for a caller whose lingering append turned out to hold someone up.
+    pub fn hurry(&self) {
+        let _ = self.tx.send(Command::Hurry);
+    }
+
     /// Counts `n` rows the caller dropped after the store refused them (e.g. QoS 0 messages
     /// from an [`StoreHandle::offer`]); persisted with the next transaction.
     pub fn count_dropped(&self, reason: Refusal, n: u64) {
         if n > 0 {
             let _ = self.tx.send(Command::Dropped(reason, n));
         }
+    }
+
+    /// How long a [`Durability::Linger`] append may wait for its commit now:
+    /// `store.commit_interval`, longer on a disk whose commits are slow (see `worker`).
+    pub fn linger(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.linger_us.load(Ordering::Relaxed))
     }
 
     /// Whether new rows are taken now; changes when the store starts or stops refusing.
@@ -755,6 +779,9 @@ impl Store {
         let (committed_tx, committed_rx) = watch::channel(0u64);
         let (health_tx, health_rx) = watch::channel(Health::Running);
         let (admission_tx, admission_rx) = watch::channel(Admission::Open);
+        let linger_us = Arc::new(AtomicU64::new(
+            u64::try_from(cfg.commit_interval.get().as_micros()).unwrap_or(u64::MAX),
+        ));
         let worker = worker::Worker::new(
             opened.conn,
             cfg,
@@ -764,6 +791,7 @@ impl Store {
                 committed: committed_tx,
                 health: health_tx,
                 admission: admission_tx,
+                linger_us: linger_us.clone(),
             },
             probes,
         )?;
@@ -791,6 +819,7 @@ impl Store {
                 committed: committed_rx,
                 health: health_rx,
                 admission: admission_rx,
+                linger_us,
                 path: Arc::new(cfg.path.clone()),
             },
             report,

@@ -763,6 +763,85 @@ async fn lingering_appends_commit_once_commit_max_rows_are_queued() {
     close(opened).await;
 }
 
+#[tokio::test]
+async fn hurry_commits_a_lingering_append_at_once() {
+    let (_dir, mut cfg) = temp_config();
+    cfg.commit_interval = HumanDuration::from_secs(60);
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    let lingering = h.append(vec![msg("linger", 0)], Durability::Linger);
+    h.hurry();
+    let out = tokio::time::timeout(Duration::from_secs(5), lingering)
+        .await
+        .expect("committed at once, not after the 60 s linger");
+    assert_eq!(out.expect("append").stored, 1);
+    close(opened).await;
+}
+
+#[tokio::test]
+async fn a_within_append_waits_at_least_the_linger_and_at_most_ten_commit_intervals() {
+    let (_dir, mut cfg) = temp_config();
+    cfg.commit_interval = HumanDuration::from_millis(200);
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    assert_eq!(
+        h.linger(),
+        Duration::from_millis(200),
+        "a fast disk lingers commit_interval"
+    );
+
+    // Shorter than the linger: the linger.
+    let started = Instant::now();
+    h.append(
+        vec![msg("short", 0)],
+        Durability::Within(Duration::from_millis(1)),
+    )
+    .await
+    .expect("append");
+    assert!(
+        started.elapsed() >= Duration::from_millis(190),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Longer than ten commit intervals: ten commit intervals (2 s), not the hour asked for.
+    let started = Instant::now();
+    let long = h.append(
+        vec![msg("long", 0)],
+        Durability::Within(Duration::from_secs(3600)),
+    );
+    tokio::time::timeout(Duration::from_secs(30), long)
+        .await
+        .expect("committed after ten commit intervals")
+        .expect("append");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    close(opened).await;
+}
+
+#[tokio::test]
+async fn acknowledged_rows_are_deleted_by_the_next_commit_of_new_rows() {
+    let (_dir, mut cfg) = temp_config();
+    cfg.commit_interval = HumanDuration::from_secs(60);
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    h.append(vec![msg("a", 0), msg("b", 0)], Durability::Now)
+        .await
+        .expect("append");
+    let a = all_rows(&h).await[0].id;
+    h.ack(vec![a]);
+    // The delete waits for company (ten lingers here): a crash now would only resend `a`.
+    assert_eq!(topics(&all_rows(&h).await), ["a", "b"]);
+    h.append(vec![msg("c", 0)], Durability::Now)
+        .await
+        .expect("append");
+    assert_eq!(topics(&all_rows(&h).await), ["b", "c"]);
+    close(opened).await;
+}
+
 /// A fake filesystem of 1 GiB whose free space the test sets.
 fn fake_disk(free: Arc<AtomicU64>) -> Probes {
     Probes {

@@ -28,6 +28,7 @@ mod topics;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -70,6 +71,18 @@ const EVICT_CHUNK: i64 = 256;
 /// Sequence numbers reserved in `meta` at a time: one small write per this many messages makes
 /// ids unique forever without AUTOINCREMENT's write per transaction.
 const SEQ_RESERVE_STEP: i64 = 1 << 16;
+/// A lingering commit waits this many times what the disk's recent commits took (when that is
+/// longer than `commit_interval`): on a slow card, fsyncs then take at most about a sixth of the
+/// time, and each carries as many messages as arrived meanwhile.
+const LINGER_PER_COMMIT_COST: u32 = 5;
+/// ... but never more than this many times `commit_interval` (nor does a
+/// [`Durability::Within`]).
+const LINGER_MAX_FACTOR: u32 = 10;
+/// Acknowledged rows wait this many lingers for a commit of their own; they join any commit
+/// made before. A crash loses only their deletes (duplicates, never losses).
+const ACK_LINGER_FACTOR: u32 = 10;
+/// Weight of the newest commit in the running commit cost, out of 8.
+const COMMIT_COST_WEIGHT: u32 = 2;
 /// Topic ids kept in memory; past this the cache starts over (the table answers misses).
 const TOPIC_CACHE_MAX: usize = 4096;
 /// Unused topics are deleted once this many new ones were added: all of them when the queue is
@@ -92,6 +105,8 @@ pub(super) struct Channels {
     pub committed: watch::Sender<u64>,
     pub health: watch::Sender<Health>,
     pub admission: watch::Sender<Admission>,
+    /// The current linger in microseconds (see [`Worker::linger`]), for the front.
+    pub linger_us: Arc<AtomicU64>,
 }
 
 struct Settings {
@@ -132,6 +147,11 @@ impl Batch {
     fn due(&self, max_rows: usize, now: Instant) -> bool {
         !self.is_empty()
             && (self.now || self.rows >= max_rows || self.deadline.is_some_and(|d| now >= d))
+    }
+
+    /// The batch must be committed by `at` at the latest.
+    fn by(&mut self, at: Instant) {
+        self.deadline = Some(self.deadline.map_or(at, |d| d.min(at)));
     }
 }
 
@@ -237,6 +257,8 @@ pub(super) struct Worker {
     stuck_acks: HashSet<i64>,
     channels: Channels,
     commit_seq: u64,
+    /// Running average of what a COMMIT took (the fsync, mostly).
+    commit_cost: Duration,
     freed_since_vacuum: u64,
     next_sweep: Instant,
     next_seq: i64,
@@ -324,6 +346,7 @@ impl Worker {
             stuck_acks: HashSet::new(),
             channels,
             commit_seq: 0,
+            commit_cost: Duration::ZERO,
             freed_since_vacuum: 0,
             next_sweep: Instant::now(),
             next_seq,
@@ -451,18 +474,27 @@ impl Worker {
                     on_refusal,
                     reply,
                 });
-                if durability == Durability::Now {
-                    batch.now = true;
-                }
-                batch
-                    .deadline
-                    .get_or_insert_with(|| Instant::now() + self.settings.commit_interval);
+                let wait = match durability {
+                    Durability::Now => {
+                        batch.now = true;
+                        Duration::ZERO
+                    }
+                    Durability::Linger => self.linger(),
+                    Durability::Within(d) => d.clamp(
+                        self.linger(),
+                        self.settings.commit_interval * LINGER_MAX_FACTOR,
+                    ),
+                };
+                batch.by(Instant::now() + wait);
             }
             Command::Ack(ids) => {
                 batch.acks.extend(ids);
-                batch
-                    .deadline
-                    .get_or_insert_with(|| Instant::now() + self.settings.commit_interval);
+                batch.by(Instant::now() + self.linger() * ACK_LINGER_FACTOR);
+            }
+            Command::Hurry => {
+                if !batch.appends.is_empty() {
+                    batch.now = true;
+                }
             }
             Command::Dropped(reason, n) => {
                 let r = reason.drop_reason();
@@ -817,12 +849,34 @@ impl Worker {
     }
 
     /// Runs `f` inside BEGIN IMMEDIATE … COMMIT, rolling back on any error.
+    /// How long rows that nobody waits for may wait for company before their commit:
+    /// `commit_interval`, or [`LINGER_PER_COMMIT_COST`] times what recent commits took when the
+    /// disk is slower than that makes sense for, at most [`LINGER_MAX_FACTOR`] ×
+    /// `commit_interval`.
+    pub(super) fn linger(&self) -> Duration {
+        let base = self.settings.commit_interval;
+        (self.commit_cost * LINGER_PER_COMMIT_COST).clamp(base, base * LINGER_MAX_FACTOR)
+    }
+
+    /// Folds the duration of one COMMIT into the running commit cost and publishes the linger.
+    fn note_commit_cost(&mut self, took: Duration) {
+        self.commit_cost =
+            (self.commit_cost * (8 - COMMIT_COST_WEIGHT) + took * COMMIT_COST_WEIGHT) / 8;
+        let us = u64::try_from(self.linger().as_micros()).unwrap_or(u64::MAX);
+        self.channels.linger_us.store(us, Ordering::Relaxed);
+    }
+
     fn in_transaction<T>(
         &mut self,
         f: impl FnOnce(&mut Self) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let res = f(self).and_then(|v| self.conn.execute_batch("COMMIT").map(|()| v));
+        let res = f(self).and_then(|v| {
+            let started = Instant::now();
+            self.conn.execute_batch("COMMIT")?;
+            self.note_commit_cost(started.elapsed());
+            Ok(v)
+        });
         if res.is_err() && !self.conn.is_autocommit() {
             // SQLite may already have rolled back (it does on some SQLITE_FULL paths).
             if let Err(e) = self.conn.execute_batch("ROLLBACK") {
@@ -1144,6 +1198,6 @@ fn fail_command(cmd: Command, reason: &str) {
         Command::Close { reply } => {
             let _ = reply.send(Err(err()));
         }
-        Command::Ack(_) | Command::Dropped(..) => {}
+        Command::Ack(_) | Command::Hurry | Command::Dropped(..) => {}
     }
 }
