@@ -46,6 +46,7 @@
 //! appends were never accepted, and queued acks only cause duplicates later. `close()` is the
 //! orderly path (flush, checkpoint, stop).
 
+mod queue;
 mod readonly;
 mod schema;
 mod space;
@@ -59,7 +60,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -67,6 +68,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::StoreConfig;
 
+use queue::Wake;
 pub use readonly::ReadOnlyStore;
 
 /// Bytes counted for every row on top of its topic and payload, against `max_bytes`.
@@ -142,6 +144,29 @@ pub enum Durability {
     Within(std::time::Duration),
     /// Commit everything queued right away: someone is waiting to acknowledge a device.
     Now,
+}
+
+/// Most an append may wait for company, in `commit_interval`s (see [`append_wait`]).
+const MAX_WAIT_INTERVALS: u32 = 10;
+/// Acks (and drop counts) wait this many lingers for a commit of their own; they join any
+/// commit made before. A crash loses only their deletes (duplicates, never losses).
+const ACK_LINGERS: u32 = 10;
+
+/// How long an append may wait for its commit (`None`: not at all), given the store's linger
+/// now: `Linger` the linger, `Within` what the caller allows but at least the linger and at most
+/// [`MAX_WAIT_INTERVALS`] × `commit_interval`.
+fn append_wait(
+    durability: Durability,
+    linger: std::time::Duration,
+    commit_interval: std::time::Duration,
+) -> Option<std::time::Duration> {
+    match durability {
+        Durability::Now => None,
+        Durability::Linger => Some(linger),
+        Durability::Within(d) => {
+            Some(d.clamp(linger, (commit_interval * MAX_WAIT_INTERVALS).max(linger)))
+        }
+    }
 }
 
 /// Per-priority "last id handed out" positions, owned by the forwarder; `Default` = start of
@@ -560,11 +585,12 @@ fn stopped_error(health: &watch::Receiver<Health>) -> StoreError {
 /// Cloneable access to the store thread.
 #[derive(Clone)]
 pub struct StoreHandle {
-    tx: mpsc::Sender<Command>,
+    tx: queue::Sender,
     committed: watch::Receiver<u64>,
     health: watch::Receiver<Health>,
     admission: watch::Receiver<Admission>,
     linger_us: Arc<AtomicU64>,
+    commit_interval: std::time::Duration,
     path: Arc<PathBuf>,
 }
 
@@ -601,14 +627,16 @@ impl StoreHandle {
     /// Commits whatever is queued at once, as if the last append had been [`Durability::Now`]:
     /// for a caller whose lingering append turned out to hold someone up.
     pub fn hurry(&self) {
-        let _ = self.tx.send(Command::Hurry);
+        let _ = self.tx.send(Command::Hurry, Wake::Now);
     }
 
     /// Counts `n` rows the caller dropped after the store refused them (e.g. QoS 0 messages
     /// from an [`StoreHandle::offer`]); persisted with the next transaction.
     pub fn count_dropped(&self, reason: Refusal, n: u64) {
         if n > 0 {
-            let _ = self.tx.send(Command::Dropped(reason, n));
+            let _ = self
+                .tx
+                .send(Command::Dropped(reason, n), self.later(ACK_LINGERS));
         }
     }
 
@@ -616,6 +644,11 @@ impl StoreHandle {
     /// `store.commit_interval`, longer on a disk whose commits are slow (see `worker`).
     pub fn linger(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.linger_us.load(Ordering::Relaxed))
+    }
+
+    /// `lingers` store lingers from now.
+    fn later(&self, lingers: u32) -> Wake {
+        Wake::By(std::time::Instant::now() + self.linger() * lingers)
     }
 
     /// Whether new rows are taken now; changes when the store starts or stops refusing.
@@ -636,7 +669,11 @@ impl StoreHandle {
             on_refusal,
             reply,
         };
-        if let Err(mpsc::SendError(Command::Append { reply, .. })) = self.tx.send(cmd) {
+        let wake = match append_wait(durability, self.linger(), self.commit_interval) {
+            None => Wake::Now,
+            Some(wait) => Wake::By(std::time::Instant::now() + wait),
+        };
+        if let Err(Command::Append { reply, .. }) = self.tx.send(cmd, wake) {
             // The receiver is right here, so this send cannot fail.
             let _ = reply.send(Err(stopped_error(&self.health)));
         }
@@ -673,7 +710,7 @@ impl StoreHandle {
         }
         // A stopped store has nothing left to delete from; the rows (if any) are re-sent after
         // restart, which is the documented duplicate, not a loss.
-        let _ = self.tx.send(Command::Ack(ids));
+        let _ = self.tx.send(Command::Ack(ids), self.later(ACK_LINGERS));
     }
 
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -736,7 +773,7 @@ impl StoreHandle {
         cmd: Command,
         rx: oneshot::Receiver<Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        if self.tx.send(cmd).is_err() {
+        if self.tx.send(cmd, Wake::Now).is_err() {
             return Err(stopped_error(&self.health));
         }
         match rx.await {
@@ -775,7 +812,7 @@ impl Store {
                     source,
                 })?;
         }
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = queue::queue();
         let (committed_tx, committed_rx) = watch::channel(0u64);
         let (health_tx, health_rx) = watch::channel(Health::Running);
         let (admission_tx, admission_rx) = watch::channel(Admission::Open);
@@ -820,6 +857,7 @@ impl Store {
                 health: health_rx,
                 admission: admission_rx,
                 linger_us,
+                commit_interval: cfg.commit_interval.get(),
                 path: Arc::new(cfg.path.clone()),
             },
             report,

@@ -29,20 +29,21 @@ mod topics;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::watch;
 
+use super::queue::{Receiver, Recv};
 use super::schema::{
     self, band, is_corruption, read_message, Totals, MESSAGE_COLUMNS, SEQ_RESERVED_KEY,
 };
 use super::space::{self, DiskProbe, FileState, Layout, Short, Space};
 use super::{
-    row_bytes, Admission, AppendOutcome, Command, Cursor, DropCounters, DropReason, Durability,
+    append_wait, row_bytes, Admission, AppendOutcome, Command, Cursor, DropCounters, DropReason,
     Health, NewMessage, OnRefusal, PriorityStats, Refusal, Refused, Reply, StoreError, StoreStats,
-    StoredMessage,
+    StoredMessage, ACK_LINGERS,
 };
 use crate::config::{StoreConfig, WhenFull};
 use crate::shared::BoundedCache;
@@ -75,12 +76,8 @@ const SEQ_RESERVE_STEP: i64 = 1 << 16;
 /// longer than `commit_interval`): on a slow card, fsyncs then take at most about a sixth of the
 /// time, and each carries as many messages as arrived meanwhile.
 const LINGER_PER_COMMIT_COST: u32 = 5;
-/// ... but never more than this many times `commit_interval` (nor does a
-/// [`Durability::Within`]).
+/// ... but never more than this many times `commit_interval`.
 const LINGER_MAX_FACTOR: u32 = 10;
-/// Acknowledged rows wait this many lingers for a commit of their own; they join any commit
-/// made before. A crash loses only their deletes (duplicates, never losses).
-const ACK_LINGER_FACTOR: u32 = 10;
 /// Weight of the newest commit in the running commit cost, out of 8.
 const COMMIT_COST_WEIGHT: u32 = 2;
 /// Topic ids kept in memory; past this the cache starts over (the table answers misses).
@@ -366,7 +363,7 @@ impl Worker {
         self.totals.bytes
     }
 
-    pub(super) fn run(mut self, rx: mpsc::Receiver<Command>) {
+    pub(super) fn run(mut self, rx: Receiver) {
         let mut batch = Batch::default();
         let exit = self.serve(&rx, &mut batch);
         match exit {
@@ -409,26 +406,26 @@ impl Worker {
                     let _ = p.reply.send(Err(StoreError::Failed(reason.clone())));
                 }
                 // Whatever is still queued gets a precise answer instead of a closed channel.
-                while let Ok(cmd) = rx.try_recv() {
+                while let Some(cmd) = rx.try_recv() {
                     fail_command(cmd, &reason);
                 }
             }
         }
     }
 
-    fn serve(&mut self, rx: &mpsc::Receiver<Command>, batch: &mut Batch) -> Exit {
+    fn serve(&mut self, rx: &Receiver, batch: &mut Batch) -> Exit {
         loop {
             let now = Instant::now();
             if batch.due(self.settings.commit_max_rows, now) {
                 // Take whatever else is already queued: that is what makes group commit cheap.
                 while batch.rows < self.settings.commit_max_rows {
                     match rx.try_recv() {
-                        Ok(cmd) => {
+                        Some(cmd) => {
                             if let Some(exit) = self.accept(cmd, batch) {
                                 return exit;
                             }
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 if let Err(reason) = self.commit(batch) {
@@ -447,14 +444,14 @@ impl Worker {
                 Some(d) if !batch.is_empty() => d.min(self.next_sweep),
                 _ => self.next_sweep,
             };
-            match rx.recv_timeout(wake.saturating_duration_since(now)) {
-                Ok(cmd) => {
+            match rx.recv_until(wake) {
+                Recv::Command(cmd) => {
                     if let Some(exit) = self.accept(cmd, batch) {
                         return exit;
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Exit::Disconnected,
+                Recv::Timeout => {}
+                Recv::Disconnected => return Exit::Disconnected,
             }
         }
     }
@@ -474,22 +471,14 @@ impl Worker {
                     on_refusal,
                     reply,
                 });
-                let wait = match durability {
-                    Durability::Now => {
-                        batch.now = true;
-                        Duration::ZERO
-                    }
-                    Durability::Linger => self.linger(),
-                    Durability::Within(d) => d.clamp(
-                        self.linger(),
-                        self.settings.commit_interval * LINGER_MAX_FACTOR,
-                    ),
-                };
-                batch.by(Instant::now() + wait);
+                match append_wait(durability, self.linger(), self.settings.commit_interval) {
+                    None => batch.now = true,
+                    Some(wait) => batch.by(Instant::now() + wait),
+                }
             }
             Command::Ack(ids) => {
                 batch.acks.extend(ids);
-                batch.by(Instant::now() + self.linger() * ACK_LINGER_FACTOR);
+                batch.by(Instant::now() + self.linger() * ACK_LINGERS);
             }
             Command::Hurry => {
                 if !batch.appends.is_empty() {
