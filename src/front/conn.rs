@@ -206,6 +206,8 @@ where
     } else {
         shared.internal.v4
     };
+    // Held until rumqttd's first bytes (the CONNACK) arrive; the semaphore is never closed.
+    let handshake = shared.handshakes.clone().acquire_owned().await.ok();
     let broker =
         match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(internal)).await {
             Ok(Ok(s)) => s,
@@ -254,6 +256,7 @@ where
         level,
         &between,
         answers_rx,
+        handshake,
     ));
     let ended = tokio::select! {
         r = &mut d2b => r,

@@ -280,7 +280,16 @@ pub(crate) struct Shared {
     subs: Arc<Subscriptions>,
     v4_filters: props::V4Filters,
     log_limit: std::sync::Mutex<crate::shared::RateLimited>,
+    /// Connections to rumqttd whose CONNACK has not come yet (see [`HANDSHAKES`]).
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most connections to rumqttd's internal listeners that may wait for their CONNACK at once.
+/// rumqttd listens with a backlog of 128: when 1 000 devices connect in the same second (an
+/// access point rebooted) and the front opened as many loopback connections, the kernel dropped
+/// the excess and their SYNs were retried after 1, 3 and 7 s. Below the backlog, a connection
+/// waits here instead, microseconds per connection ahead of it.
+const HANDSHAKES: usize = 64;
 
 /// The device-facing listener(s).
 #[derive(Clone)]
@@ -321,6 +330,7 @@ impl Front {
                 log_limit: std::sync::Mutex::new(crate::shared::RateLimited::new(
                     Duration::from_secs(1),
                 )),
+                handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES)),
             }),
         }
     }

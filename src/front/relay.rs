@@ -24,6 +24,7 @@ pub(super) async fn broker_to_device<R, W>(
     level: u8,
     between: &Between,
     mut answers: tokio::sync::mpsc::Receiver<Answer>,
+    mut handshake: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -38,6 +39,8 @@ where
             biased;
             Some(answer) = answers.recv() => waiting.push_back(answer),
             n = broker_rd.read_buf(&mut buf) => {
+                // rumqttd has taken the connection: the next one may start (see `HANDSHAKES`).
+                drop(handshake.take());
                 if n? == 0 {
                     // Best effort: rumqttd is gone, the PUBACKs these waited for will not come.
                     for a in waiting.drain(..) {
@@ -176,7 +179,7 @@ mod tests {
         drop(broker_side);
         tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            broker_to_device(&mut broker_rd, &mut dev_wr, level, between, rx),
+            broker_to_device(&mut broker_rd, &mut dev_wr, level, between, rx, None),
         )
         .await
         .expect("the relay ends at EOF")
