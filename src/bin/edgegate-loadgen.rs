@@ -35,7 +35,8 @@ struct Args {
     /// QoS 1 messages in flight per connection.
     #[arg(long, default_value_t = 100)]
     inflight: u16,
-    /// Messages per second per connection (0 = as fast as possible).
+    /// Messages per second per connection (0 = as fast as possible), each connection starting
+    /// at a random point of the period.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
     #[arg(long, default_value = "sensors/load")]
@@ -239,11 +240,15 @@ async fn main() {
             let topic = format!("{prefix}/{run_id}/{conn}");
             let pacing = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
             let publisher = tokio::spawn(async move {
-                let mut next = tokio::time::Instant::now();
+                // Each paced connection starts at its own random point of the period, as real
+                // devices do: publishing all at the same instant would batch their commits by
+                // itself and hide what a trickle costs.
+                let mut next = tokio::time::Instant::now()
+                    + pacing.map_or(Duration::ZERO, |p| p.mul_f64(phase(conn, &run_id)));
                 for seq in 0..messages {
                     if let Some(p) = pacing {
-                        next += p;
                         tokio::time::sleep_until(next).await;
+                        next += p;
                     }
                     let mut payload = format!("{run_id}:{conn}:{seq}:{}:", now_ns()).into_bytes();
                     if payload.len() < size {
@@ -369,4 +374,16 @@ async fn main() {
         "edge": edge,
     });
     println!("{line}");
+}
+
+/// A fraction in [0, 1) fixed by the connection and the run (splitmix64 of both).
+fn phase(conn: usize, run_id: &str) -> f64 {
+    let seed = run_id
+        .bytes()
+        .fold(conn as u64, |h, b| h.rotate_left(8) ^ u64::from(b));
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }

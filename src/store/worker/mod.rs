@@ -684,7 +684,7 @@ impl Worker {
     /// still cannot be committed wait in the batch (and fetch no longer returns their rows).
     fn commit_acks(
         &mut self,
-        acks: Vec<i64>,
+        mut acks: Vec<i64>,
         batch: &mut Batch,
         now: Instant,
     ) -> Result<(), String> {
@@ -726,6 +726,21 @@ impl Worker {
                         {
                             tracing::debug!(error = %e, "checkpoint on a full disk failed");
                         }
+                    }
+                    Some(WriteFailure::Full) if acks.len() > 1 => {
+                        // More deletes than the log has room for on this disk (acks wait for
+                        // company, so a fast drain hands over thousands at once): in halves,
+                        // each checkpointed so the next reuses the log from its start. The first
+                        // single delete that does not fit stops the rest (see `unwritable`).
+                        let rest = acks.split_off(acks.len() / 2);
+                        self.commit_acks(acks, batch, now)?;
+                        if let Err(e) =
+                            self.conn
+                                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                        {
+                            tracing::debug!(error = %e, "checkpoint on a full disk failed");
+                        }
+                        return self.commit_acks(rest, batch, now);
                     }
                     Some(failure) => {
                         let reason = self.note_failure(failure, &e, now);
