@@ -22,6 +22,8 @@
 //! # Layout
 //! - `mod.rs` (this file): the public types and [`StoreHandle`], a cloneable sender of commands.
 //! - `schema`: opening the file: pragmas, schema creation and checks, quarantine of corrupt files.
+//! - `queue`: the command channel into the thread, which wakes it only for a command due before
+//!   it would wake anyway.
 //! - `worker`: the owner thread: group commit, eviction, expiry, drop logging.
 //! - `space`: whether the disk can take more rows, and the reserve that lets deletes commit on a
 //!   full filesystem.
@@ -702,8 +704,8 @@ impl StoreHandle {
         .await
     }
 
-    /// Delivered upstream: delete these rows in the next transaction (within
-    /// `commit_interval`). An ack lost to a crash only causes a duplicate, never a loss.
+    /// Delivered upstream: delete these rows with the next commit of new rows, at most ten
+    /// lingers from now. An ack lost to a crash only causes a duplicate, never a loss.
     pub fn ack(&self, ids: Vec<i64>) {
         if ids.is_empty() {
             return;

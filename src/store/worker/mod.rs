@@ -43,7 +43,7 @@ use super::space::{self, DiskProbe, FileState, Layout, Short, Space};
 use super::{
     append_wait, row_bytes, Admission, AppendOutcome, Command, Cursor, DropCounters, DropReason,
     Health, NewMessage, OnRefusal, PriorityStats, Refusal, Refused, Reply, StoreError, StoreStats,
-    StoredMessage, ACK_LINGERS,
+    StoredMessage, ACK_LINGERS, MAX_WAIT_INTERVALS,
 };
 use crate::config::{StoreConfig, WhenFull};
 use crate::shared::BoundedCache;
@@ -76,8 +76,6 @@ const SEQ_RESERVE_STEP: i64 = 1 << 16;
 /// longer than `commit_interval`): on a slow card, fsyncs then take at most about a sixth of the
 /// time, and each carries as many messages as arrived meanwhile.
 const LINGER_PER_COMMIT_COST: u32 = 5;
-/// ... but never more than this many times `commit_interval`.
-const LINGER_MAX_FACTOR: u32 = 10;
 /// Weight of the newest commit in the running commit cost, out of 8.
 const COMMIT_COST_WEIGHT: u32 = 2;
 /// Topic ids kept in memory; past this the cache starts over (the table answers misses).
@@ -855,11 +853,11 @@ impl Worker {
     /// Runs `f` inside BEGIN IMMEDIATE … COMMIT, rolling back on any error.
     /// How long rows that nobody waits for may wait for company before their commit:
     /// `commit_interval`, or [`LINGER_PER_COMMIT_COST`] times what recent commits took when the
-    /// disk is slower than that makes sense for, at most [`LINGER_MAX_FACTOR`] ×
+    /// disk is slower than that makes sense for, at most [`MAX_WAIT_INTERVALS`] ×
     /// `commit_interval`.
     pub(super) fn linger(&self) -> Duration {
         let base = self.settings.commit_interval;
-        (self.commit_cost * LINGER_PER_COMMIT_COST).clamp(base, base * LINGER_MAX_FACTOR)
+        (self.commit_cost * LINGER_PER_COMMIT_COST).clamp(base, base * MAX_WAIT_INTERVALS)
     }
 
     /// Folds the duration of one COMMIT into the running commit cost and publishes the linger.
