@@ -528,9 +528,9 @@ enum OnRefusal {
 }
 
 enum Command {
+    /// Committed by the command's due time ([`Wake`]): at once for [`Durability::Now`].
     Append {
         msgs: Vec<NewMessage>,
-        durability: Durability,
         on_refusal: OnRefusal,
         reply: Reply<AppendOutcome>,
     },
@@ -667,7 +667,6 @@ impl StoreHandle {
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Append {
             msgs,
-            durability,
             on_refusal,
             reply,
         };

@@ -7,7 +7,8 @@
 //! the queue without a wake-up (a futex call and two context switches each), and the thread
 //! takes them all when it wakes for its next commit: group commit is also group wake-up. A
 //! command someone waits for ([`Wake::Now`]: a `Now` append, a fetch, stats, close) wakes it at
-//! once. Like `std::sync::mpsc`: sending fails once the receiver is gone, and the receiver sees
+//! once. The receiver gets each command with its due time, so a deadline counts from when the
+//! command was sent, not from when the thread took it. Like `std::sync::mpsc`: sending fails once the receiver is gone, and the receiver sees
 //! [`Recv::Disconnected`] once every sender is gone and the queue is empty.
 
 use std::collections::VecDeque;
@@ -26,7 +27,7 @@ pub(super) enum Wake {
 }
 
 struct State {
-    cmds: VecDeque<Command>,
+    cmds: VecDeque<(Command, Wake)>,
     senders: usize,
     receiver_alive: bool,
     /// Set while the thread sleeps: until when.
@@ -72,7 +73,7 @@ impl Sender {
         if !st.receiver_alive {
             return Err(cmd);
         }
-        st.cmds.push_back(cmd);
+        st.cmds.push_back((cmd, wake));
         let wake_now = match (st.sleeping_until, wake) {
             // Awake: it looks at the queue before it sleeps again.
             (None, _) => false,
@@ -108,7 +109,8 @@ impl Drop for Sender {
 
 /// What [`Receiver::recv_until`] found.
 pub(super) enum Recv {
-    Command(Command),
+    /// A command and when it is due (its sender's deadline, not when it was taken).
+    Command(Command, Wake),
     Timeout,
     /// Every sender is gone and nothing is queued.
     Disconnected,
@@ -119,8 +121,8 @@ pub(super) struct Receiver {
 }
 
 impl Receiver {
-    /// The next queued command, without waiting.
-    pub fn try_recv(&self) -> Option<Command> {
+    /// The next queued command and when it was due, without waiting.
+    pub fn try_recv(&self) -> Option<(Command, Wake)> {
         self.q.lock().cmds.pop_front()
     }
 
@@ -129,9 +131,9 @@ impl Receiver {
     pub fn recv_until(&self, until: Instant) -> Recv {
         let mut st = self.q.lock();
         loop {
-            if let Some(cmd) = st.cmds.pop_front() {
+            if let Some((cmd, wake)) = st.cmds.pop_front() {
                 st.sleeping_until = None;
-                return Recv::Command(cmd);
+                return Recv::Command(cmd, wake);
             }
             if st.senders == 0 {
                 return Recv::Disconnected;
@@ -150,8 +152,8 @@ impl Receiver {
                 .0;
             if st.sleeping_until.is_none() {
                 // Woken on purpose: take what is queued now, even if it is not due yet.
-                if let Some(cmd) = st.cmds.pop_front() {
-                    return Recv::Command(cmd);
+                if let Some((cmd, wake)) = st.cmds.pop_front() {
+                    return Recv::Command(cmd, wake);
                 }
             }
         }
@@ -181,7 +183,7 @@ mod tests {
 
     fn acked(r: Recv) -> Option<i64> {
         match r {
-            Recv::Command(Command::Ack(ids)) => ids.first().copied(),
+            Recv::Command(Command::Ack(ids), _) => ids.first().copied(),
             _ => None,
         }
     }
@@ -233,6 +235,23 @@ mod tests {
         let until = Instant::now() + Duration::from_secs(60);
         assert_eq!(acked(rx.recv_until(until)), Some(1));
         assert!(matches!(rx.recv_until(until), Recv::Disconnected));
+    }
+
+    #[test]
+    fn each_command_comes_with_the_due_time_its_sender_gave_not_when_it_was_taken() {
+        let (tx, rx) = queue();
+        let due = Instant::now() + Duration::from_millis(80);
+        tx.send(ack(3), Wake::By(due))
+            .map_err(|_| ())
+            .expect("receiver alive");
+        std::thread::sleep(Duration::from_millis(20));
+        match rx.recv_until(Instant::now() + Duration::from_secs(60)) {
+            Recv::Command(Command::Ack(ids), wake) => {
+                assert_eq!(ids, [3]);
+                assert_eq!(wake, Wake::By(due));
+            }
+            _ => panic!("the queued ack"),
+        }
     }
 
     #[test]

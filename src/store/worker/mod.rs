@@ -35,15 +35,15 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::watch;
 
-use super::queue::{Receiver, Recv};
+use super::queue::{Receiver, Recv, Wake};
 use super::schema::{
     self, band, is_corruption, read_message, Totals, MESSAGE_COLUMNS, SEQ_RESERVED_KEY,
 };
 use super::space::{self, DiskProbe, FileState, Layout, Short, Space};
 use super::{
-    append_wait, row_bytes, Admission, AppendOutcome, Command, Cursor, DropCounters, DropReason,
-    Health, NewMessage, OnRefusal, PriorityStats, Refusal, Refused, Reply, StoreError, StoreStats,
-    StoredMessage, ACK_LINGERS, MAX_WAIT_INTERVALS,
+    row_bytes, Admission, AppendOutcome, Command, Cursor, DropCounters, DropReason, Health,
+    NewMessage, OnRefusal, PriorityStats, Refusal, Refused, Reply, StoreError, StoreStats,
+    StoredMessage, MAX_WAIT_INTERVALS,
 };
 use crate::config::{StoreConfig, WhenFull};
 use crate::shared::BoundedCache;
@@ -404,7 +404,7 @@ impl Worker {
                     let _ = p.reply.send(Err(StoreError::Failed(reason.clone())));
                 }
                 // Whatever is still queued gets a precise answer instead of a closed channel.
-                while let Some(cmd) = rx.try_recv() {
+                while let Some((cmd, _)) = rx.try_recv() {
                     fail_command(cmd, &reason);
                 }
             }
@@ -418,8 +418,8 @@ impl Worker {
                 // Take whatever else is already queued: that is what makes group commit cheap.
                 while batch.rows < self.settings.commit_max_rows {
                     match rx.try_recv() {
-                        Some(cmd) => {
-                            if let Some(exit) = self.accept(cmd, batch) {
+                        Some((cmd, wake)) => {
+                            if let Some(exit) = self.accept(cmd, wake, batch) {
                                 return exit;
                             }
                         }
@@ -443,8 +443,8 @@ impl Worker {
                 _ => self.next_sweep,
             };
             match rx.recv_until(wake) {
-                Recv::Command(cmd) => {
-                    if let Some(exit) = self.accept(cmd, batch) {
+                Recv::Command(cmd, wake) => {
+                    if let Some(exit) = self.accept(cmd, wake, batch) {
                         return exit;
                     }
                 }
@@ -455,11 +455,10 @@ impl Worker {
     }
 
     /// Queues or answers one command; returns how to exit when the loop must end.
-    fn accept(&mut self, cmd: Command, batch: &mut Batch) -> Option<Exit> {
+    fn accept(&mut self, cmd: Command, wake: Wake, batch: &mut Batch) -> Option<Exit> {
         match cmd {
             Command::Append {
                 msgs,
-                durability,
                 on_refusal,
                 reply,
             } => {
@@ -469,14 +468,16 @@ impl Worker {
                     on_refusal,
                     reply,
                 });
-                match append_wait(durability, self.linger(), self.settings.commit_interval) {
-                    None => batch.now = true,
-                    Some(wait) => batch.by(Instant::now() + wait),
+                match wake {
+                    Wake::Now => batch.now = true,
+                    Wake::By(at) => batch.by(at),
                 }
             }
             Command::Ack(ids) => {
                 batch.acks.extend(ids);
-                batch.by(Instant::now() + self.linger() * ACK_LINGERS);
+                if let Wake::By(at) = wake {
+                    batch.by(at);
+                }
             }
             Command::Hurry => {
                 if !batch.appends.is_empty() {
