@@ -129,7 +129,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut rbuf = BytesMut::with_capacity(1024);
     let first = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
         r = tokio::time::timeout(shared.connect_timeout, read_frame(&mut dev_rd, &mut rbuf, shared.max_remaining)) => r,

@@ -30,7 +30,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut buf = BytesMut::with_capacity(1024);
     // The front's answers waiting for rumqttd's PUBACKs, and how many PUBACKs were copied.
     let mut waiting: VecDeque<Answer> = VecDeque::new();
     let mut pubacks = 0u64;
