@@ -7,8 +7,8 @@
 //! order survives outages and restarts — whatever the upstream remembers of the old session
 //! (`session_present`), the store is the source of truth. Duplicates after a crash are bounded by
 //! the in-flight window plus the acks not yet committed: a delete waits for the next commit of
-//! new rows, or at most ten store lingers (100 ms at the default `commit_interval`, up to 1 s on
-//! a slow card).
+//! new rows, at most ten store lingers (100 ms at the default `commit_interval`, up to 1 s on a
+//! slow card) and not once 256 wait; with this module's own batch, never more than 768.
 
 mod pacing;
 mod session;

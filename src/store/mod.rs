@@ -40,7 +40,7 @@
 //! when the disk is slow (a Pi's card), at most ten `commit_interval`s — and a
 //! [`Durability::Within`] one as long as the caller allows within those bounds.
 //! [`StoreHandle::hurry`] commits a lingering batch at once. Acks wait for the next commit of new
-//! rows, or at most ten lingers.
+//! rows, at most ten lingers, and not once [`ACK_COMMIT_ROWS`] wait.
 //!
 //! # Crashes
 //! Only committed work survives. If every handle is dropped without [`StoreHandle::close`], the
@@ -153,6 +153,9 @@ const MAX_WAIT_INTERVALS: u32 = 10;
 /// Acks (and drop counts) wait this many lingers for a commit of their own; they join any
 /// commit made before. A crash loses only their deletes (duplicates, never losses).
 const ACK_LINGERS: u32 = 10;
+/// ... or until this many acks wait: a fast drain (tens of thousands a second after an outage)
+/// then never has more than this many deletes uncommitted.
+const ACK_COMMIT_ROWS: usize = 256;
 
 /// How long an append may wait for its commit (`None`: not at all), given the store's linger
 /// now: `Linger` the linger, `Within` what the caller allows but at least the linger and at most

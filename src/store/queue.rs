@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::Command;
+use super::{Command, ACK_COMMIT_ROWS};
 
 /// When the store thread must see a command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +28,9 @@ pub(super) enum Wake {
 
 struct State {
     cmds: VecDeque<(Command, Wake)>,
+    /// Ack ids among `cmds`: at [`ACK_COMMIT_ROWS`] they wake the thread, whatever their due
+    /// time, so a fast drain never holds more uncommitted deletes than that.
+    acks: usize,
     senders: usize,
     receiver_alive: bool,
     /// Set while the thread sleeps: until when.
@@ -52,6 +55,7 @@ pub(super) fn queue() -> (Sender, Receiver) {
     let q = Arc::new(Queue {
         state: Mutex::new(State {
             cmds: VecDeque::new(),
+            acks: 0,
             senders: 1,
             receiver_alive: true,
             sleeping_until: None,
@@ -73,11 +77,16 @@ impl Sender {
         if !st.receiver_alive {
             return Err(cmd);
         }
+        if let Command::Ack(ids) = &cmd {
+            st.acks += ids.len();
+        }
+        let many_acks = st.acks >= ACK_COMMIT_ROWS;
         st.cmds.push_back((cmd, wake));
         let wake_now = match (st.sleeping_until, wake) {
             // Awake: it looks at the queue before it sleeps again.
             (None, _) => false,
             (Some(_), Wake::Now) => true,
+            (Some(_), _) if many_acks => true,
             (Some(until), Wake::By(by)) => by < until,
         };
         if wake_now {
@@ -120,10 +129,20 @@ pub(super) struct Receiver {
     q: Arc<Queue>,
 }
 
+impl State {
+    fn pop(&mut self) -> Option<(Command, Wake)> {
+        let next = self.cmds.pop_front();
+        if let Some((Command::Ack(ids), _)) = &next {
+            self.acks -= ids.len();
+        }
+        next
+    }
+}
+
 impl Receiver {
     /// The next queued command and when it was due, without waiting.
     pub fn try_recv(&self) -> Option<(Command, Wake)> {
-        self.q.lock().cmds.pop_front()
+        self.q.lock().pop()
     }
 
     /// The next command: one queued already, or the first that must be seen before `until`;
@@ -131,7 +150,7 @@ impl Receiver {
     pub fn recv_until(&self, until: Instant) -> Recv {
         let mut st = self.q.lock();
         loop {
-            if let Some((cmd, wake)) = st.cmds.pop_front() {
+            if let Some((cmd, wake)) = st.pop() {
                 st.sleeping_until = None;
                 return Recv::Command(cmd, wake);
             }
@@ -152,7 +171,7 @@ impl Receiver {
                 .0;
             if st.sleeping_until.is_none() {
                 // Woken on purpose: take what is queued now, even if it is not due yet.
-                if let Some((cmd, wake)) = st.cmds.pop_front() {
+                if let Some((cmd, wake)) = st.pop() {
                     return Recv::Command(cmd, wake);
                 }
             }
@@ -252,6 +271,28 @@ mod tests {
             }
             _ => panic!("the queued ack"),
         }
+    }
+
+    #[test]
+    fn enough_acks_wake_the_thread_whatever_their_due_time() {
+        let (tx, rx) = queue();
+        let t = std::thread::spawn(move || {
+            let started = Instant::now();
+            let got = rx.recv_until(Instant::now() + Duration::from_secs(60));
+            (
+                started.elapsed(),
+                matches!(got, Recv::Command(Command::Ack(_), _)),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let later = Wake::By(Instant::now() + Duration::from_secs(120));
+        let ids: Vec<i64> = (0..ACK_COMMIT_ROWS as i64).collect();
+        tx.send(Command::Ack(ids), later)
+            .map_err(|_| ())
+            .expect("receiver alive");
+        let (took, got_ack) = t.join().expect("thread");
+        assert!(got_ack);
+        assert!(took < Duration::from_secs(30), "not woken: {took:?}");
     }
 
     #[test]

@@ -1636,3 +1636,11 @@ impl Drop for Ext4Loop {
         );
     }
 }
+
+/// The README's bound on acknowledgements a crash can lose (each one a duplicate after the
+/// restart) for an uplink forwarding `rate` messages a second at the default
+/// `store.commit_interval` (10 ms): acks wait in the forwarder at most 5 ms and in the store at
+/// most ten lingers (100 ms), and never more than 768 in all (three batches of 256).
+pub fn uncommitted_acks_bound(rate: usize) -> usize {
+    (rate * 105 / 1000).min(768)
+}

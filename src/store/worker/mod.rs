@@ -43,7 +43,7 @@ use super::space::{self, DiskProbe, FileState, Layout, Short, Space};
 use super::{
     row_bytes, Admission, AppendOutcome, Command, Cursor, DropCounters, DropReason, Health,
     NewMessage, OnRefusal, PriorityStats, Refusal, Refused, Reply, StoreError, StoreStats,
-    StoredMessage, MAX_WAIT_INTERVALS,
+    StoredMessage, ACK_COMMIT_ROWS, MAX_WAIT_INTERVALS,
 };
 use crate::config::{StoreConfig, WhenFull};
 use crate::shared::BoundedCache;
@@ -141,7 +141,10 @@ impl Batch {
 
     fn due(&self, max_rows: usize, now: Instant) -> bool {
         !self.is_empty()
-            && (self.now || self.rows >= max_rows || self.deadline.is_some_and(|d| now >= d))
+            && (self.now
+                || self.rows >= max_rows
+                || self.acks.len() >= ACK_COMMIT_ROWS
+                || self.deadline.is_some_and(|d| now >= d))
     }
 
     /// The batch must be committed by `at` at the latest.
