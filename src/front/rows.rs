@@ -119,14 +119,8 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// Queues the row of a message published with `qos`.
-    ///
-    /// A QoS 1/2 message says how its device sends: one that arrives while an earlier one
-    /// waits for the store (the device pipelines, and its window fills), or soon after the
-    /// store answered the last one (it sends as fast as it is acknowledged), comes from a
-    /// device that waits for us. Its rows are committed at once, and a lingering offer in
-    /// flight is hurried. Any other (a sensor that publishes now and then) may linger so that
-    /// the store can commit it together with other devices' messages.
+    /// Queues the row of a message published with `qos`; a QoS 1/2 one also tells how its
+    /// device sends (see "How soon" above).
     pub fn push(&mut self, row: NewMessage, qos: u8) {
         self.unoffered.push(row);
         self.unoffered_qos.push(qos);

@@ -207,37 +207,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_command_due_later_than_the_sleep_does_not_wake_the_thread_but_is_taken_at_its_end() {
+    fn send(tx: &Sender, cmd: Command, wake: Wake) {
+        tx.send(cmd, wake).map_err(|_| ()).expect("receiver alive");
+    }
+
+    /// A thread sleeps in `recv_until` for `sleep`; 50 ms later `cmd` is sent with `wake`.
+    /// Returns how long the thread slept and the first ack id it got.
+    fn sleeper_gets(
+        sleep: Duration,
+        cmd: Command,
+        wake: impl FnOnce() -> Wake,
+    ) -> (Duration, Option<i64>) {
         let (tx, rx) = queue();
-        let sleep = Duration::from_millis(300);
         let t = std::thread::spawn(move || {
             let started = Instant::now();
             let got = rx.recv_until(Instant::now() + sleep);
             (started.elapsed(), acked(got))
         });
         std::thread::sleep(Duration::from_millis(50));
-        tx.send(ack(7), Wake::By(Instant::now() + Duration::from_secs(60)))
-            .map_err(|_| ())
-            .expect("receiver alive");
-        let (took, got) = t.join().expect("thread");
+        send(&tx, cmd, wake());
+        t.join().expect("thread")
+    }
+
+    #[test]
+    fn a_command_due_later_than_the_sleep_does_not_wake_the_thread_but_is_taken_at_its_end() {
+        let sleep = Duration::from_millis(300);
+        let (took, got) = sleeper_gets(sleep, ack(7), || {
+            Wake::By(Instant::now() + Duration::from_secs(60))
+        });
         assert_eq!(got, Some(7));
         assert!(took >= sleep, "woken early, after {took:?}");
     }
 
     #[test]
     fn a_command_due_before_the_end_of_the_sleep_wakes_the_thread() {
-        let (tx, rx) = queue();
-        let t = std::thread::spawn(move || {
-            let started = Instant::now();
-            let got = rx.recv_until(Instant::now() + Duration::from_secs(60));
-            (started.elapsed(), acked(got))
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        tx.send(ack(8), Wake::Now)
-            .map_err(|_| ())
-            .expect("receiver alive");
-        let (took, got) = t.join().expect("thread");
+        let (took, got) = sleeper_gets(Duration::from_secs(60), ack(8), || Wake::Now);
         assert_eq!(got, Some(8));
         assert!(took < Duration::from_secs(30), "not woken: {took:?}");
     }
@@ -246,9 +250,7 @@ mod tests {
     fn the_receiver_sees_queued_commands_then_disconnected_once_every_sender_is_gone() {
         let (tx, rx) = queue();
         let tx2 = tx.clone();
-        tx.send(ack(1), Wake::By(Instant::now()))
-            .map_err(|_| ())
-            .expect("receiver alive");
+        send(&tx, ack(1), Wake::By(Instant::now()));
         drop(tx);
         drop(tx2);
         let until = Instant::now() + Duration::from_secs(60);
@@ -260,9 +262,7 @@ mod tests {
     fn each_command_comes_with_the_due_time_its_sender_gave_not_when_it_was_taken() {
         let (tx, rx) = queue();
         let due = Instant::now() + Duration::from_millis(80);
-        tx.send(ack(3), Wake::By(due))
-            .map_err(|_| ())
-            .expect("receiver alive");
+        send(&tx, ack(3), Wake::By(due));
         std::thread::sleep(Duration::from_millis(20));
         match rx.recv_until(Instant::now() + Duration::from_secs(60)) {
             Recv::Command(Command::Ack(ids), wake) => {
@@ -275,23 +275,11 @@ mod tests {
 
     #[test]
     fn enough_acks_wake_the_thread_whatever_their_due_time() {
-        let (tx, rx) = queue();
-        let t = std::thread::spawn(move || {
-            let started = Instant::now();
-            let got = rx.recv_until(Instant::now() + Duration::from_secs(60));
-            (
-                started.elapsed(),
-                matches!(got, Recv::Command(Command::Ack(_), _)),
-            )
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        let later = Wake::By(Instant::now() + Duration::from_secs(120));
         let ids: Vec<i64> = (0..ACK_COMMIT_ROWS as i64).collect();
-        tx.send(Command::Ack(ids), later)
-            .map_err(|_| ())
-            .expect("receiver alive");
-        let (took, got_ack) = t.join().expect("thread");
-        assert!(got_ack);
+        let (took, got) = sleeper_gets(Duration::from_secs(60), Command::Ack(ids), || {
+            Wake::By(Instant::now() + Duration::from_secs(120))
+        });
+        assert_eq!(got, Some(0));
         assert!(took < Duration::from_secs(30), "not woken: {took:?}");
     }
 
