@@ -426,10 +426,8 @@ fn kill_9_while_draining_loses_nothing_and_duplicates_at_most_the_window_and_the
 {
     let max_inflight = 20;
     // The README's bound: what is in flight, plus what the upstream acknowledged but the store
-    // had not yet deleted (the forwarder hands acks over within 5 ms, the store commits them
-    // within commit_interval, 20 ms): 25 ms of traffic, twice for a commit still being written
-    // at the kill — 50 messages at max_rate 1000/s.
-    let uncommitted_acks = 50;
+    // had not yet deleted (see `uncommitted_acks_bound`), at max_rate 1000/s.
+    let uncommitted_acks = uncommitted_acks_bound(1000);
     let mut upstream = persistent_upstream();
     let sub = Subscriber::start(
         upstream.port(),
