@@ -109,7 +109,11 @@ pub fn check_config(path: &Path, offline: bool) -> ExitCode {
         config::load(path)
     };
     match loaded {
-        Ok(_) => {
+        Ok(cfg) => {
+            let text = std::fs::read_to_string(path).ok();
+            for w in config::warnings(&cfg, text.as_deref(), path) {
+                eprintln!("{w}");
+            }
             let note = if offline {
                 " (offline: certificate and password files and environment variables not checked)"
             } else {

@@ -73,7 +73,9 @@ fn every_shipped_config_passes_check_config() {
         } else {
             check(dir, file)
         };
-        if code != Some(0) || !text.contains("configuration OK") {
+        // A shipped config is what people copy: it must not be one check-config warns about
+        // (an anonymous broker on the network).
+        if code != Some(0) || !text.contains("configuration OK") || text.contains("warning:") {
             failures.push(format!("{}:\n{text}", file.display()));
         }
     }
@@ -87,6 +89,98 @@ fn a_minimal_config_is_reported_ok() {
     );
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("configuration OK"), "{text}");
+    assert!(
+        !text.contains("warning:"),
+        "a loopback broker exposes nothing:\n{text}"
+    );
+}
+
+// ─── anonymous access (broker.allow_anonymous) ───
+const OPEN_BROKER: &str = "gateway:\n  id: test\nbroker:\n  listen: 0.0.0.0:1883\n";
+
+#[test]
+fn an_anonymous_broker_on_the_network_is_a_warning_naming_its_line_not_an_error() {
+    // No users and no allow_anonymous: 0.1's open broker, still accepted.
+    let (code, text, path, _dir) = check_yaml(OPEN_BROKER);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("configuration OK"), "{text}");
+    let want = format!(
+        "{}:4: warning: broker.listen: anyone who can reach 0.0.0.0:1883",
+        path.display()
+    );
+    assert!(text.contains(&want), "no `{want}` in:\n{text}");
+    // Said explicitly, the warning points at the key.
+    let (code, text, path, _dir) = check_yaml(&format!(
+        "{OPEN_BROKER}  listen_v5: 127.0.0.1:1884\n  allow_anonymous: true\n"
+    ));
+    assert_eq!(code, Some(0), "{text}");
+    let want = format!(
+        "{}:6: warning: broker.allow_anonymous: anyone who can reach 0.0.0.0:1883 may",
+        path.display()
+    );
+    assert!(text.contains(&want), "no `{want}` in:\n{text}");
+    assert!(
+        !text.contains("127.0.0.1:1884"),
+        "a loopback listener is not exposed:\n{text}"
+    );
+}
+
+#[test]
+fn a_broker_that_admits_anonymous_clients_from_loopback_only_is_not_warned_about() {
+    let (code, text, _path, _dir) =
+        check_yaml(&format!("{OPEN_BROKER}  allow_anonymous: loopback\n"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("warning:"), "{text}");
+}
+
+#[test]
+fn outputs_that_anonymous_network_clients_may_command_are_warned_about_each() {
+    let gpio = "gpio:\n  backend: sim\n  outputs:\n    - name: pump\n      pin: GPIO27\n    - name: lamp\n      pin: GPIO22\n      command_topic: house/lamp/set\n";
+    let (code, text, path, _dir) = check_yaml(&format!("{OPEN_BROKER}{gpio}"));
+    assert_eq!(code, Some(0), "{text}");
+    let pump = format!(
+        "{}:8: warning: gpio.outputs[0].command_topic: GPIO output `pump` obeys `cmd/pump`",
+        path.display()
+    );
+    assert!(text.contains(&pump), "no `{pump}` in:\n{text}");
+    assert!(
+        text.contains("GPIO output `lamp` obeys `house/lamp/set`"),
+        "{text}"
+    );
+    // An anonymous ACL that keeps them off the command topics silences those two, not the
+    // warning about the open broker.
+    let acl = "  anonymous:\n    publish: [\"sensors/#\"]\n";
+    let (code, text, _path, _dir) = check_yaml(&format!("{OPEN_BROKER}{acl}{gpio}"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("obeys"), "{text}");
+    assert!(text.contains("warning: broker.listen: anyone"), "{text}");
+}
+
+#[test]
+fn allow_anonymous_false_without_users_exits_78_because_nobody_could_connect() {
+    let (code, text, path, _dir) = check_yaml(&format!("{OPEN_BROKER}  allow_anonymous: false\n"));
+    assert_eq!(code, Some(78), "{text}");
+    assert_names_line_and_field(&text, &path, 5, &["broker.allow_anonymous"]);
+    assert!(text.contains("no client could connect"), "{text}");
+}
+
+#[test]
+fn allow_anonymous_loopback_without_the_front_on_a_network_listener_exits_78() {
+    // rumqttd alone cannot tell a loopback client from a network one.
+    let (code, text, path, _dir) = check_yaml(&format!(
+        "{OPEN_BROKER}  allow_anonymous: loopback\n  front: false\n"
+    ));
+    assert_eq!(code, Some(78), "{text}");
+    assert_names_line_and_field(&text, &path, 5, &["broker.allow_anonymous"]);
+    assert!(text.contains("needs the MQTT front"), "{text}");
+}
+
+#[test]
+fn allow_anonymous_takes_true_false_or_loopback_and_names_them_otherwise() {
+    let (code, text, path, _dir) = check_yaml(&format!("{OPEN_BROKER}  allow_anonymous: lan\n"));
+    assert_eq!(code, Some(78), "{text}");
+    assert_names_line_and_field(&text, &path, 5, &["broker.allow_anonymous"]);
+    assert!(text.contains("true, false or loopback"), "{text}");
 }
 
 #[test]

@@ -237,16 +237,15 @@ pub async fn run(
         .map(|l| format!("{} ({})", l.addr, l.what))
         .collect();
     tracing::info!(gateway = %gateway_id, listeners = %addrs.join(", "), startup_ms = started.elapsed().as_millis() as u64, "ready");
-    if cfg.broker.users.is_empty() {
-        let exposed: Vec<String> = broker
-            .listeners()
-            .iter()
-            .filter(|l| !l.addr.ip().is_loopback())
-            .map(|l| l.addr.to_string())
-            .collect();
-        if !exposed.is_empty() {
-            tracing::warn!(listeners = %exposed.join(", "), "the broker accepts anonymous clients from the network (no broker.users configured)");
-        }
+    // What the network may do without a password (the same lines `check-config` prints).
+    let shown = config_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("<config>"));
+    let text = config_path
+        .as_deref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    for w in crate::config::warnings(&cfg, text.as_deref(), &shown) {
+        tracing::warn!("{w}");
     }
     let store_handle = shared.store.clone();
     notify::ready(&status_line(&link_state.borrow(), store_handle.as_ref()).await);

@@ -1,9 +1,11 @@
 //! The `broker:` section (crate::broker, crate::front): the local listeners (plain, MQTT 5, TLS,
 //! WebSocket), users with their passwords and topic permissions, and the router's limits.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use super::protocol::Protocol;
@@ -28,6 +30,13 @@ pub struct BrokerConfig {
     /// When non-empty, every client must log in as one of these users.
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// Who may connect without a user name: see [`AllowAnonymous`]. `None`: as before the key
+    /// existed (everyone without users, nobody with them); read it through [`Self::anonymous`].
+    #[serde(default)]
+    pub allow_anonymous: Option<AllowAnonymous>,
+    /// Topic ACL of anonymous clients (MQTT front).
+    #[serde(default)]
+    pub anonymous: AnonymousConfig,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     #[serde(default = "default_max_payload_size")]
@@ -55,6 +64,117 @@ impl BrokerConfig {
     pub fn front_enabled(&self) -> bool {
         self.front
     }
+
+    /// Who may connect without a user name: the key, or, when it is absent, what 0.1 did
+    /// (everyone when there are no users, nobody when there are).
+    pub fn anonymous(&self) -> AllowAnonymous {
+        self.allow_anonymous.unwrap_or(if self.users.is_empty() {
+            AllowAnonymous::Everyone
+        } else {
+            AllowAnonymous::Nobody
+        })
+    }
+
+    /// The device listeners that accept clients from other machines (not a loopback address),
+    /// as `(key, address)`.
+    pub fn network_listeners(&self) -> Vec<(&'static str, SocketAddr)> {
+        [
+            ("broker.listen", self.listen),
+            ("broker.listen_v5", self.listen_v5),
+            ("broker.tls.listen", self.tls.as_ref().map(|t| t.listen)),
+            (
+                "broker.websocket.listen",
+                self.websocket.as_ref().map(|w| w.listen),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, addr)| addr.map(|a| (key, a)))
+        .filter(|(_, a)| !a.ip().is_loopback())
+        .collect()
+    }
+}
+
+/// `broker.allow_anonymous`: who may connect without a user name (and password).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowAnonymous {
+    /// `true`: anyone who reaches a listener.
+    Everyone,
+    /// `loopback`: programs on this machine (a peer address in 127.0.0.0/8 or ::1); clients from
+    /// the network must log in as one of `users`.
+    Loopback,
+    /// `false`: nobody; every client logs in as one of `users`.
+    Nobody,
+}
+
+impl AllowAnonymous {
+    /// Whether an anonymous client from `peer` may connect.
+    pub fn admits(self, peer: std::net::IpAddr) -> bool {
+        match self {
+            AllowAnonymous::Everyone => true,
+            AllowAnonymous::Nobody => false,
+            AllowAnonymous::Loopback => is_loopback(peer),
+        }
+    }
+}
+
+impl fmt::Display for AllowAnonymous {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AllowAnonymous::Everyone => "true",
+            AllowAnonymous::Loopback => "loopback",
+            AllowAnonymous::Nobody => "false",
+        })
+    }
+}
+
+/// A loopback peer, also when an IPv6 socket (`[::]`) reports an IPv4 one as `::ffff:127.x.y.z`.
+pub fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
+}
+
+impl<'de> Deserialize<'de> for AllowAnonymous {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const EXPECTED: &str = "true, false or loopback";
+        impl Visitor<'_> for V {
+            type Value = AllowAnonymous;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<AllowAnonymous, E> {
+                Ok(if v {
+                    AllowAnonymous::Everyone
+                } else {
+                    AllowAnonymous::Nobody
+                })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AllowAnonymous, E> {
+                match v {
+                    "loopback" => Ok(AllowAnonymous::Loopback),
+                    "true" => Ok(AllowAnonymous::Everyone),
+                    "false" => Ok(AllowAnonymous::Nobody),
+                    other => Err(E::custom(format!("`{other}` is not one of {EXPECTED}"))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `broker.anonymous`: what anonymous clients may do (enforced by the MQTT front), like a user's
+/// `publish` / `subscribe`. Missing: anything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnonymousConfig {
+    #[serde(default)]
+    pub publish: Option<Vec<String>>,
+    #[serde(default)]
+    pub subscribe: Option<Vec<String>>,
 }
 
 impl Default for BrokerConfig {
@@ -65,6 +185,8 @@ impl Default for BrokerConfig {
             tls: None,
             websocket: None,
             users: Vec::new(),
+            allow_anonymous: None,
+            anonymous: AnonymousConfig::default(),
             max_connections: default_max_connections(),
             max_payload_size: default_max_payload_size(),
             max_inflight: default_broker_max_inflight(),
@@ -164,5 +286,66 @@ impl From<UserConfigFile> for UserConfig {
             publish: f.publish,
             subscribe: f.subscribe,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("a test address")
+    }
+
+    #[test]
+    fn loopback_admits_ipv4_and_ipv6_loopback_peers_also_when_mapped_and_nothing_else() {
+        let l = AllowAnonymous::Loopback;
+        for peer in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
+            assert!(l.admits(ip(peer)), "{peer} is loopback");
+        }
+        for peer in [
+            "10.0.0.7",
+            "192.168.1.20",
+            "::ffff:10.0.0.7",
+            "fe80::1",
+            "0.0.0.0",
+        ] {
+            assert!(!l.admits(ip(peer)), "{peer} is not loopback");
+        }
+        assert!(AllowAnonymous::Everyone.admits(ip("10.0.0.7")));
+        assert!(!AllowAnonymous::Nobody.admits(ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn without_the_key_anonymous_access_is_what_0_1_did() {
+        let mut b = BrokerConfig::default();
+        assert_eq!(b.anonymous(), AllowAnonymous::Everyone);
+        b.users.push(UserConfig {
+            username: "u".into(),
+            password: SecretSource::default(),
+            publish: None,
+            subscribe: None,
+        });
+        assert_eq!(b.anonymous(), AllowAnonymous::Nobody);
+        b.allow_anonymous = Some(AllowAnonymous::Loopback);
+        assert_eq!(b.anonymous(), AllowAnonymous::Loopback);
+    }
+
+    #[test]
+    fn network_listeners_leave_out_loopback_addresses() {
+        let mut b = BrokerConfig {
+            listen: Some("127.0.0.1:1883".parse().expect("addr")),
+            ..BrokerConfig::default()
+        };
+        assert!(b.network_listeners().is_empty());
+        b.listen_v5 = Some("0.0.0.0:1884".parse().expect("addr"));
+        b.websocket = Some(WebsocketConfig {
+            listen: "[::1]:8083".parse().expect("addr"),
+        });
+        assert_eq!(
+            b.network_listeners(),
+            vec![("broker.listen_v5", "0.0.0.0:1884".parse().expect("addr"))]
+        );
     }
 }

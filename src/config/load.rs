@@ -75,6 +75,23 @@ fn at(path: &Path, line: Option<usize>, column: Option<usize>, problem: &Problem
     format!("{s}: {problem}")
 }
 
+/// The warnings about a valid configuration (see `validate::warnings`), one line each, located like
+/// errors and marked: `path:line: warning: field: message`. `text` is the file's content, for
+/// the lines; without it the lines are left out.
+pub fn warnings(cfg: &Config, text: Option<&str>, path: &Path) -> Vec<String> {
+    crate::config::validate::warnings(cfg)
+        .into_iter()
+        .map(|mut w| {
+            w.line = text.and_then(|t| locate(t, &w.field));
+            let mut loc = path.display().to_string();
+            if let Some(line) = w.line {
+                loc.push_str(&format!(":{line}"));
+            }
+            format!("{loc}: warning: {w}")
+        })
+        .collect()
+}
+
 /// Reads, parses, resolves secrets, validates and checks referenced files.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -44,13 +44,13 @@ mod uplink;
 mod url;
 mod validate;
 
-pub use broker::{BrokerConfig, BrokerTlsConfig, UserConfig, WebsocketConfig};
+pub use broker::{AllowAnonymous, BrokerConfig, BrokerTlsConfig, UserConfig, WebsocketConfig};
 pub use forward::{DownlinkRule, ForwardRule};
 pub use gpio::{
     EdgeKind, GpioBackendKind, GpioConfig, GpioInputConfig, GpioOutputConfig, PinSpec, Pull,
     SimStep, Switch,
 };
-pub use load::{load, load_offline, load_str, ConfigError};
+pub use load::{load, load_offline, load_str, warnings, ConfigError};
 pub use ops::{
     HomeAssistantConfig, LogConfig, LogFormat, MetricsConfig, StatusConfig, StatusSocket, RUN_DIR,
 };

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+mod exposure;
 mod modbus;
 
 use crate::config::broker::BrokerConfig;
@@ -41,6 +42,7 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
     }
     check_hardware(cfg, &mut p);
     p.0.extend(modbus::check(cfg));
+    p.0.extend(exposure::check(cfg));
     check_ops(cfg, &mut p);
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cfg.log.level) {
         p.add(
@@ -52,6 +54,12 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
         );
     }
     p.0
+}
+
+/// What a valid `cfg` exposes that its operator should know about (see `exposure`): never a reason
+/// to refuse it.
+pub fn warnings(cfg: &Config) -> Vec<Problem> {
+    exposure::warnings(cfg)
 }
 
 fn check_ops(cfg: &Config, p: &mut Problems) {
