@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::device::{device_to_broker, DeviceSide};
 use super::packet::{self, ConnectError, Frame, Malformed};
 use super::relay::{broker_to_device, Between};
-use super::{Acl, Refusal, Shared};
+use super::{Refusal, Shared};
 use crate::intake::RuleSettings;
 use crate::store::Durability;
 
@@ -85,6 +85,12 @@ pub(super) async fn serve<R, W>(
                 tracing::info!(%peer, reason = m.name(), "malformed packet: connection closed");
             }
         }
+        Err(Close::Refused(Refusal::Anonymous)) => {
+            shared.counters.count_refused(Refusal::Anonymous);
+            if log_now() {
+                tracing::warn!(%peer, allow_anonymous = %shared.anonymous, "a client without a user name was refused: give it one of broker.users, or see broker.allow_anonymous");
+            }
+        }
         Err(Close::Refused(r)) => {
             shared.counters.count_refused(r);
             if log_now() {
@@ -150,19 +156,33 @@ where
     };
     let level = c.level;
 
-    // Authentication: the configured users; anonymous only when there are none.
-    let acl = if shared.users.is_empty() {
-        Acl::default()
-    } else {
-        let user = c.username.and_then(|u| shared.users.get(u));
-        match (user, c.password) {
-            (Some(u), Some(p)) if same_secret(u.password.as_bytes(), p) => u.acl.clone(),
+    // Authentication: a configured user with its password, or no user name from where
+    // `broker.allow_anonymous` admits one. With no users at all (0.1's open broker), a user name
+    // is not checked: the client is anonymous.
+    let anonymous = shared.anonymous.admits(peer.ip());
+    let user = c.username.and_then(|u| shared.users.get(u));
+    let acl = match (c.username, user) {
+        (Some(_), Some(u)) => match c.password {
+            Some(p) if same_secret(u.password.as_bytes(), p) => u.acl.clone(),
             _ => {
                 let _ = dev_wr
                     .write_all(packet::connack_refused(level, 4, 0x86))
                     .await;
                 return Err(Close::Refused(Refusal::BadCredentials));
             }
+        },
+        (Some(_), None) if !(anonymous && shared.users.is_empty()) => {
+            let _ = dev_wr
+                .write_all(packet::connack_refused(level, 4, 0x86))
+                .await;
+            return Err(Close::Refused(Refusal::BadCredentials));
+        }
+        _ if anonymous => shared.anonymous_acl.clone(),
+        _ => {
+            let _ = dev_wr
+                .write_all(packet::connack_refused(level, 5, packet::NOT_AUTHORIZED))
+                .await;
+            return Err(Close::Refused(Refusal::Anonymous));
         }
     };
     if let Some(w) = &c.will {

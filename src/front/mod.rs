@@ -75,7 +75,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{topic, BrokerConfig};
+use crate::config::{topic, AllowAnonymous, BrokerConfig};
 use crate::store::StoreHandle;
 
 pub use listen::start;
@@ -154,6 +154,8 @@ pub enum Refusal {
     ConnectionLimit,
     ConnectTimeout,
     BadCredentials,
+    /// A client without a user name, from where `broker.allow_anonymous` does not admit one.
+    Anonymous,
     NotAuthorized,
     UnsupportedProtocol,
     BrokerUnavailable,
@@ -166,10 +168,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 10] = [
         Refusal::ConnectionLimit,
         Refusal::ConnectTimeout,
         Refusal::BadCredentials,
+        Refusal::Anonymous,
         Refusal::NotAuthorized,
         Refusal::UnsupportedProtocol,
         Refusal::BrokerUnavailable,
@@ -183,6 +186,7 @@ impl Refusal {
             Refusal::ConnectionLimit => "connection_limit",
             Refusal::ConnectTimeout => "connect_timeout",
             Refusal::BadCredentials => "bad_credentials",
+            Refusal::Anonymous => "anonymous",
             Refusal::NotAuthorized => "not_authorized",
             Refusal::UnsupportedProtocol => "unsupported_protocol",
             Refusal::BrokerUnavailable => "broker_unavailable",
@@ -271,6 +275,9 @@ impl FrontCounters {
 pub(crate) struct Shared {
     internal: Internal,
     users: HashMap<String, User>,
+    /// Who may connect without a user name (`broker.allow_anonymous`), and what they may do.
+    anonymous: AllowAnonymous,
+    anonymous_acl: Acl,
     max_connections: usize,
     connect_timeout: Duration,
     max_remaining: usize,
@@ -320,6 +327,11 @@ impl Front {
             shared: Arc::new(Shared {
                 internal,
                 users,
+                anonymous: cfg.anonymous(),
+                anonymous_acl: Acl {
+                    publish: cfg.anonymous.publish.clone(),
+                    subscribe: cfg.anonymous.subscribe.clone(),
+                },
                 max_connections: cfg.max_connections,
                 connect_timeout: cfg.connect_timeout.get(),
                 max_remaining: usize::try_from(cfg.max_payload_size.get()).unwrap_or(usize::MAX),
