@@ -1,7 +1,9 @@
 //! Simulated GPIO: pins in memory. Tests and scripted waveforms drive input levels with
 //! [`SimGpio::drive`]; outputs remember what they were set to. With a state file, every change is
-//! also written there as JSON (`{"17": 1, "27": 0}`, by pin), so a test outside the process can
-//! see the levels — including the fail-safe state written while the gateway stops.
+//! also written there as JSON (`{"17": 1, "GPIO27": 0, "sets": {"GPIO27": [0, 1]}}`: the level by
+//! pin, and under `sets` every level each output line was given, in order, the last
+//! [`SETS_KEPT`]), so a test outside the process can see the levels — including the fail-safe
+//! state written while the gateway stops, or a relay that a reload switched off and on again.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,9 +20,14 @@ pub struct SimGpio {
     inner: Arc<Mutex<SimState>>,
 }
 
+/// Levels kept per output pin in the state file's `sets`.
+pub const SETS_KEPT: usize = 1000;
+
 #[derive(Default)]
 struct SimState {
     levels: BTreeMap<String, bool>,
+    /// Every level an output line was given (opened at, or set to), by pin.
+    sets: BTreeMap<String, std::collections::VecDeque<bool>>,
     watchers: BTreeMap<String, Vec<mpsc::Sender<bool>>>,
     state_file: Option<PathBuf>,
 }
@@ -52,6 +59,21 @@ impl SimGpio {
         s.write_state_file();
     }
 
+    /// An output line given `high`: recorded in `sets`, then driven.
+    fn set_output(&self, pin: &PinSpec, high: bool) {
+        {
+            let mut s = self.lock();
+            let v = s.sets.entry(pin.to_string()).or_default();
+            if v.len() == SETS_KEPT {
+                v.pop_front();
+            }
+            v.push_back(high);
+        }
+        self.drive(pin, high);
+        // `drive` skips an unchanged level; the file shows the set anyway.
+        self.lock().write_state_file();
+    }
+
     /// The pin's physical level, if anything set it.
     pub fn level(&self, pin: &PinSpec) -> Option<bool> {
         self.lock().levels.get(&pin.to_string()).copied()
@@ -61,8 +83,19 @@ impl SimGpio {
 impl SimState {
     fn write_state_file(&self) {
         let Some(path) = &self.state_file else { return };
-        let doc: BTreeMap<&String, u8> =
-            self.levels.iter().map(|(k, v)| (k, u8::from(*v))).collect();
+        let mut doc: serde_json::Map<String, serde_json::Value> = self
+            .levels
+            .iter()
+            .map(|(k, v)| (k.clone(), u8::from(*v).into()))
+            .collect();
+        if !self.sets.is_empty() {
+            let sets: serde_json::Map<String, serde_json::Value> = self
+                .sets
+                .iter()
+                .map(|(k, v)| (k.clone(), v.iter().map(|l| u8::from(*l)).collect()))
+                .collect();
+            doc.insert("sets".into(), sets.into());
+        }
         let text = serde_json::to_string(&doc).unwrap_or_default();
         // Write then rename, so a reader never sees half a file.
         let tmp = path.with_extension("tmp");
@@ -90,7 +123,7 @@ struct SimOutput {
 
 impl OutputLine for SimOutput {
     fn set(&mut self, high: bool) -> Result<(), HwError> {
-        self.sim.drive(&self.key, high);
+        self.sim.set_output(&self.key, high);
         Ok(())
     }
     fn get(&mut self) -> Result<bool, HwError> {
@@ -129,9 +162,7 @@ impl GpioBackend for SimGpio {
         pin: &PinSpec,
         initial_high: bool,
     ) -> Result<Box<dyn OutputLine>, HwError> {
-        self.drive(pin, initial_high);
-        // `drive` skips an unchanged level; make sure the file exists from the start.
-        self.lock().write_state_file();
+        self.set_output(pin, initial_high);
         Ok(Box::new(SimOutput {
             sim: self.clone(),
             key: pin.clone(),
@@ -164,6 +195,9 @@ mod tests {
         out.set(false).expect("set");
         let doc: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&file).expect("state file")).expect("JSON");
-        assert_eq!(doc, serde_json::json!({"17": 0, "GPIO27": 0}));
+        assert_eq!(
+            doc,
+            serde_json::json!({"17": 0, "GPIO27": 0, "sets": {"GPIO27": [1, 0]}})
+        );
     }
 }
