@@ -433,3 +433,219 @@ fn a_local_command_on_a_topic_a_forward_rule_also_takes_still_reaches_its_output
     let status = gw.sigterm_and_wait(Duration::from_secs(10));
     assert!(status.success(), "{status:?}\n{}", gw.log());
 }
+
+// ─── SIGHUP: only what changed is reopened ───
+
+/// `edgegate reload` (what `systemctl reload` runs) after `edit` changed the config file, then
+/// waits for the `n`th "configuration reloaded" line.
+fn reload(gw: &Gateway, n: usize, edit: impl FnOnce(String) -> String) {
+    let text = std::fs::read_to_string(gw.config_path()).expect("reading the config");
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit changed nothing");
+    std::fs::write(gw.config_path(), edited).expect("writing the config");
+    let sock = gw.dir().join("status.sock").display().to_string();
+    let out = run_bin(
+        gw.dir(),
+        &["reload", "--socket", &sock],
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        wait_until(Duration::from_secs(15), || gw
+            .log()
+            .matches("configuration reloaded")
+            .count()
+            >= n),
+        "reload {n} not applied:\n{}",
+        gw.log()
+    );
+}
+
+/// Every level the sim gave `pin`'s output line, from its state file (`sets`).
+fn sets(gw: &Gateway, pin: &str) -> Vec<u64> {
+    let doc: serde_json::Value = std::fs::read(gw.dir().join("gpio.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    doc["sets"][pin]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_reload_reopens_only_what_changed_and_an_untouched_relay_never_switches() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pty = PtyPair::start(dir.path(), "usb");
+    let up = Mosquitto::start(MosquittoOpts::default());
+    let upstream = Subscriber::start(
+        up.port(),
+        "sensors/#",
+        &client_id("up"),
+        &ClientOpts::qos(1),
+    );
+    let gw = start(
+        &up,
+        &format!(
+            "gpio:\n  backend: sim\n  sim_state_file: {{dir}}/gpio.json\n  inputs:\n    - name: door\n      pin: GPIO17\n    - name: window\n      pin: GPIO18\n  outputs:\n    - name: relay1\n      pin: GPIO27\n      initial: off\n      fail_safe: off\nserial:\n  ports:\n    - name: usb\n      path: {}\n      format: value\n",
+            pty.port.display()
+        ),
+    );
+    let initial = |topic: &str| {
+        upstream
+            .messages()
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || initial("sensors/door") == 1
+            && initial("sensors/window") == 1),
+        "no initial readings: {:?}",
+        upstream.messages()
+    );
+    // From here on, readings as the local broker sees them: upstream, a forwarder restarted by
+    // the uplink change may send a row again (at-least-once), which is no new reading.
+    let local = Subscriber::start(
+        gw.port(),
+        "sensors/#",
+        &client_id("local"),
+        &ClientOpts::qos(0),
+    );
+    assert!(
+        local.wait_subscribed(1, Duration::from_secs(10)),
+        "{}",
+        local.stderr()
+    );
+    let count = |topic: &str| local.messages().iter().filter(|(t, _)| t == topic).count();
+    // The relay on, by command: a restart of its unit would pass it through `fail_safe: off`.
+    publish(gw.port(), "cmd/relay1", "on", 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || sets(&gw, "GPIO27") == [0, 0, 1]),
+        "the relay did not switch on: {:?}",
+        sets(&gw, "GPIO27")
+    );
+
+    // 1. An unrelated input changes (the door's debounce).
+    reload(&gw, 1, |t| {
+        t.replacen(
+            "      pin: GPIO17\n",
+            "      pin: GPIO17\n      debounce: 50ms\n",
+            1,
+        )
+    });
+    let log = gw.log();
+    assert!(
+        log.contains("GPIO input `door` restarted with its new settings"),
+        "the journal does not say what was reopened:\n{log}"
+    );
+    for untouched in [
+        "GPIO input `window`",
+        "GPIO output `relay1`",
+        "serial port `usb`",
+    ] {
+        assert!(
+            !log.contains(&format!("{untouched} restarted")),
+            "{untouched} was reopened:\n{log}"
+        );
+    }
+    // The door, reopened, says its state again; the window, untouched, does not.
+    assert!(
+        wait_until(Duration::from_secs(10), || count("sensors/door") == 1),
+        "the reopened door sent no reading: {:?}",
+        local.messages()
+    );
+    assert_eq!(
+        count("sensors/window"),
+        0,
+        "the untouched window sent a reading again"
+    );
+    assert_eq!(
+        log.matches("serial port open").count(),
+        1,
+        "the port was reopened:\n{log}"
+    );
+    pty.write(b"4.5\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || upstream
+            .messages()
+            .iter()
+            .any(|(t, p)| t == "sensors/usb" && p.contains("4.5"))),
+        "the untouched port stopped reading: {:?}",
+        upstream.messages()
+    );
+
+    // 2. The uplink changes (a forward rule more): the hardware is not touched at all.
+    reload(&gw, 2, |t| {
+        t.replacen(
+            "    - local: \"sensors/#\"\n",
+            "    - local: \"sensors/#\"\n    - local: \"alerts/#\"\n",
+            1,
+        )
+    });
+    assert_eq!(
+        sets(&gw, "GPIO27"),
+        [0, 0, 1],
+        "the relay switched during the reloads"
+    );
+    // Commands still reach the untouched relay.
+    publish(gw.port(), "cmd/relay1", "off", 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || sets(&gw, "GPIO27")
+            == [0, 0, 1, 0]),
+        "the relay no longer obeys: {:?}",
+        sets(&gw, "GPIO27")
+    );
+    // Read after the command's round trip: a reopened input would have spoken by now.
+    assert_eq!(
+        count("sensors/window"),
+        0,
+        "an uplink change reopened the window"
+    );
+    assert_eq!(
+        count("sensors/door"),
+        1,
+        "an uplink change reopened the door"
+    );
+}
+
+#[test]
+fn a_reload_that_moves_an_output_to_another_pin_leaves_the_old_pin_in_its_fail_safe_state() {
+    let up = Mosquitto::start(MosquittoOpts::default());
+    let gw = start(
+        &up,
+        "gpio:\n  backend: sim\n  sim_state_file: {dir}/gpio.json\n  outputs:\n    - name: heater\n      pin: GPIO27\n      initial: off\n      fail_safe: off\n    - name: lamp\n      pin: GPIO5\n      initial: on\n",
+    );
+    publish(gw.port(), "cmd/heater", "on", 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || sets(&gw, "GPIO27") == [0, 0, 1]),
+        "{:?}",
+        sets(&gw, "GPIO27")
+    );
+    reload(&gw, 1, |t| {
+        t.replacen("      pin: GPIO27\n", "      pin: GPIO22\n", 1)
+    });
+    // As documented: the changed output stops like at shutdown (its fail-safe state), and
+    // starts on its new pin at `initial`; the lamp, untouched, was given nothing.
+    assert!(
+        wait_until(Duration::from_secs(10), || sets(&gw, "GPIO22") == [0, 0]),
+        "the new pin: {:?}\n{}",
+        sets(&gw, "GPIO22"),
+        gw.log()
+    );
+    assert_eq!(sets(&gw, "GPIO27"), [0, 0, 1, 0], "the old pin");
+    assert_eq!(sets(&gw, "GPIO5"), [1, 1], "the untouched lamp");
+    assert!(
+        gw.log()
+            .contains("GPIO output `heater` restarted with its new settings"),
+        "{}",
+        gw.log()
+    );
+    // Its commands follow it to the new pin.
+    publish(gw.port(), "cmd/heater", "on", 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || sets(&gw, "GPIO22") == [0, 0, 1]),
+        "{:?}",
+        sets(&gw, "GPIO22")
+    );
+}

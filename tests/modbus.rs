@@ -319,8 +319,9 @@ fn read_everything_then_write_from_commands(
     );
     let refused = payloads(&upstream.messages(), "sensors/line/meter/setpoint/refused");
     assert_eq!(refused[0]["result"], "refused", "{refused:?}");
-    // A retained command is carried out when it arrives, but never again when the hardware
-    // restarts (a reload that changes the Modbus section resubscribes and gets it back).
+    // A retained command is carried out when it arrives, but never again when the bus
+    // restarts (a reload that changes the bus reopens it; the retained command stays on the
+    // broker, and a stage that subscribes again gets it back and ignores it).
     let out = publish_with(
         gw.port(),
         "cmd/line/meter/setpoint",
@@ -366,8 +367,8 @@ fn read_everything_then_write_from_commands(
     assert!(
         wait_until(Duration::from_secs(15), || gw
             .log()
-            .contains("retained Modbus command ignored")),
-        "the retained command did not come back after the reload:\n{}",
+            .contains("Modbus bus `line` restarted with its new settings")),
+        "the bus was not reopened by the reload:\n{}",
         gw.log()
     );
     let mark = upstream.count();

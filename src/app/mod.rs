@@ -149,11 +149,12 @@ pub async fn run(
         front_subscriptions: front.as_ref().map(crate::front::Front::subscriptions),
         // With the front on, the front stores device messages and no local-link intake runs.
         dedup: (!front_on).then(|| Arc::new(StoredReadings::new())),
+        hardware_control: None,
     };
 
     let mut intake = spawn_intake(&cfg, &broker, &shared)?;
     let mut forwarder = spawn_forwarder(&cfg, &shared);
-    let mut hardware = spawn_hardware(&cfg, &broker, &shared).map_err(AppError::Start)?;
+    let mut hardware = spawn_hardware(&cfg, &broker, &mut shared).map_err(AppError::Start)?;
 
     // Ready only when the listeners really accept connections (rumqttd cannot tell us).
     tokio::select! {

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::stage::Stage;
-use super::stages::{spawn_forwarder, spawn_hardware, spawn_intake, Shared};
+use super::stages::{reconfigure_hardware, spawn_forwarder, spawn_hardware, spawn_intake, Shared};
 use super::AppError;
 use crate::broker::Broker;
 use crate::config::Config;
@@ -22,8 +22,11 @@ pub(super) enum ReloadError {
 ///   message published in between may be stored twice, never zero times); the forwarder is
 ///   replaced (what was in flight is sent again: at-least-once). The store and its order are
 ///   untouched.
-/// - GPIO and serial: the hardware stage is restarted when its sections change (outputs pass
-///   through their fail-safe state and come back to `initial`).
+/// - GPIO, serial, Modbus, 1-Wire: applied to the running hardware stage unit by unit; only the
+///   inputs, outputs, ports and buses whose own settings changed are reopened (a changed output
+///   passes through its fail-safe state and comes back at its new `initial`), the others run on
+///   untouched (see `sources::hardware`). A change of the GPIO backend restarts the whole stage.
+///   The uplink's settings never restart it (readings are stored by the shared rules).
 /// - Broker listeners, users and the store need a restart: a change there is reported and the
 ///   old values are kept.
 pub(super) async fn reload(
@@ -74,15 +77,21 @@ pub(super) async fn reload(
             .and_then(|u| u.password.resolved.as_ref().map(|s| s.expose().to_string()))
     };
     let uplink_changed = !same(&new.uplink, &old.uplink) || password(&new) != password(old);
-    let hardware_changed = uplink_changed
-        || !same(&new.gpio, &old.gpio)
+    let hardware_changed = !same(&new.gpio, &old.gpio)
         || !same(&new.serial, &old.serial)
         || !same(&new.modbus, &old.modbus)
         || !same(&new.onewire, &old.onewire);
     let deadline = tokio::time::Instant::now() + old.gateway.shutdown_timeout.get();
     sh.generation += 1;
-    if hardware_changed {
+    // In place when a stage runs that can take the new settings; otherwise stop and start.
+    let in_place = hardware_changed
+        && hardware.is_some()
+        && !crate::sources::hardware::hardware_is_empty(&new)
+        && crate::sources::hardware::reconfigurable(old, &new);
+    let restart_hardware = hardware_changed && !in_place;
+    if restart_hardware {
         if let Some(h) = hardware.take() {
+            tracing::info!("SIGHUP: the hardware stage restarts (GPIO backend changed, or hardware added or removed)");
             h.stop(deadline).await;
         }
     }
@@ -100,7 +109,12 @@ pub(super) async fn reload(
         }
         *forwarder = spawn_forwarder(&new, sh);
     }
-    if hardware_changed {
+    if in_place {
+        reconfigure_hardware(&new, sh)
+            .await
+            .map_err(|e| ReloadError::Fatal(AppError::Start(e)))?;
+    }
+    if restart_hardware {
         // The old lines were released above; opening may still fail (a pin that does not exist).
         match spawn_hardware(&new, broker, sh) {
             Ok(h) => *hardware = h,
@@ -120,7 +134,8 @@ pub(super) async fn reload(
     }
     tracing::info!(
         uplink_restarted = uplink_changed,
-        hardware_restarted = hardware_changed,
+        hardware_changed,
+        hardware_restarted = restart_hardware,
         "SIGHUP: configuration reloaded"
     );
     Ok(new)

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::intake::{LocalIntake, Rules, StoredReadings};
 use crate::shared::{ForwardCounters, IntakeCounters, LinkState};
+use crate::sources::hardware::Reconfigure;
 use crate::store::StoreHandle;
 
 /// What every generation of the reloadable stages shares: built once, kept across SIGHUP.
@@ -37,6 +38,8 @@ pub(super) struct Shared {
     pub(super) front_subscriptions: Option<Arc<crate::front::Subscriptions>>,
     /// Readings the hardware stage stored, for the local-link intake to skip (front off only).
     pub(super) dedup: Option<Arc<StoredReadings>>,
+    /// The running hardware stage's door for SIGHUP's new settings (see `spawn_hardware`).
+    pub(super) hardware_control: Option<tokio::sync::mpsc::Sender<Reconfigure>>,
 }
 
 /// The intake: the broker subscription on the forward filters, into the store.
@@ -95,40 +98,85 @@ pub(super) fn spawn_forwarder(cfg: &Config, sh: &Shared) -> Option<Stage> {
 
 /// GPIO and serial (sources::hardware). Opened here, so a wrong pin or a missing GPIO chip is an
 /// error now (at start: the start fails; at SIGHUP: the reload is refused). Readings are
-/// committed to the store first, then published locally; it stops first at shutdown.
+/// committed to the store first, then published locally; it stops first at shutdown. Its
+/// control sender goes to `sh.hardware_control`, for [`reconfigure_hardware`].
 pub(super) fn spawn_hardware(
     cfg: &Config,
     broker: &Broker,
-    sh: &Shared,
+    sh: &mut Shared,
 ) -> Result<Option<Stage>, String> {
+    sh.hardware_control = None;
     let hw = match crate::sources::hardware::Hardware::open(cfg).map_err(|e| e.to_string())? {
         Some(hw) => hw,
         None => return Ok(None),
     };
-    // The outputs' command topics are subscribed on the local link below: the front must pass
-    // device messages on them to rumqttd. They stay registered after a reload (harmless: their
-    // messages then merely take rumqttd's path).
-    if let Some(subs) = &sh.front_subscriptions {
-        for topic in hw.command_topics() {
-            subs.add(&topic);
-        }
-    }
+    register_command_topics(cfg, sh);
     let hw_link = broker
         .link(&format!("edgegate-hardware-{}", sh.generation))
         .map_err(|e| e.to_string())?;
     let hw_dedup = sh.dedup.clone();
     let hw_store = sh.store.clone();
-    let hw_uplink = cfg.uplink.clone().map(Arc::new);
+    let hw_rules = sh.front_rules.clone();
     let hw_link_state = sh.link_state.clone();
+    let (control, reconfig) = tokio::sync::mpsc::channel(1);
+    sh.hardware_control = Some(control);
     Ok(Some(Stage::spawn(
         "hardware",
         &sh.root,
         move |t| async move {
-            hw.run(hw_link, hw_store, hw_uplink, hw_dedup, hw_link_state, t)
-                .await
-                .map_err(|e| e.to_string())
+            hw.run(
+                hw_link,
+                hw_store,
+                hw_rules,
+                hw_dedup,
+                hw_link_state,
+                reconfig,
+                t,
+            )
+            .await
+            .map_err(|e| e.to_string())
         },
     )))
+}
+
+/// The outputs' and writable points' command topics are subscribed on the hardware stage's
+/// local link: the front must pass device messages on them to rumqttd. They stay registered
+/// after a reload (harmless: their messages then merely take rumqttd's path).
+fn register_command_topics(cfg: &Config, sh: &Shared) {
+    if let Some(subs) = &sh.front_subscriptions {
+        for topic in crate::sources::hardware::command_topics(cfg) {
+            subs.add(&topic);
+        }
+    }
+}
+
+/// SIGHUP with changed hardware settings, applied to the running stage unit by unit (see
+/// `sources::hardware`). `Err` when the stage is gone; a unit that could not be opened is
+/// reported in the journal and keeps its old settings where it had some.
+pub(super) async fn reconfigure_hardware(cfg: &Config, sh: &Shared) -> Result<(), String> {
+    let Some(control) = &sh.hardware_control else {
+        return Err("the hardware stage is not running".into());
+    };
+    register_command_topics(cfg, sh);
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    control
+        .send(Reconfigure {
+            cfg: cfg.clone(),
+            reply,
+        })
+        .await
+        .map_err(|_| "the hardware stage is not running".to_string())?;
+    match answer.await {
+        Ok(Ok(changes)) => {
+            tracing::info!(changes = %changes.join("; "), "SIGHUP: hardware changed in place; every other input, output and port runs on untouched");
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "SIGHUP: part of the new hardware configuration cannot be opened");
+            Ok(())
+        }
+        Err(_) => Err("the hardware stage stopped during the reload".into()),
+    }
 }
 
 /// Sensors the registry should list for `cfg`.

@@ -1,5 +1,6 @@
-//! Hardware readings into the store: each batch's rows are built from the forward rules and
-//! committed (`Durability::Now`, awaited) before the readings are published locally.
+//! Hardware readings into the store: each batch's rows are built from the forward rules (the
+//! shared, reloadable [`Rules`], so an uplink change at SIGHUP needs no restart of the hardware)
+//! and committed (`Durability::Now`, awaited) before the readings are published locally.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,8 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::rules::RuleSettings;
-use crate::config::UplinkConfig;
+use super::rules::{RuleSettings, Rules};
 use crate::shared::{HardwareCounters, RateLimited};
 use crate::store::{Durability, NewMessage, StoreHandle};
 
@@ -23,21 +23,21 @@ pub struct Reading {
 /// Stores hardware readings whose topic a forward rule matches.
 pub struct ReadingStore {
     store: Option<StoreHandle>,
-    uplink: Option<Arc<UplinkConfig>>,
+    rules: Option<Arc<Rules>>,
     counters: Arc<HardwareCounters>,
     failures: RateLimited,
 }
 
 impl ReadingStore {
-    /// `store` and `uplink` are `None` without an uplink: readings are then only published.
+    /// `store` and `rules` are `None` without an uplink: readings are then only published.
     pub fn new(
         store: Option<StoreHandle>,
-        uplink: Option<Arc<UplinkConfig>>,
+        rules: Option<Arc<Rules>>,
         counters: Arc<HardwareCounters>,
     ) -> ReadingStore {
         ReadingStore {
             store,
-            uplink,
+            rules,
             counters,
             failures: RateLimited::new(Duration::from_secs(10)),
         }
@@ -50,14 +50,15 @@ impl ReadingStore {
             .readings
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let mut stored = vec![false; batch.len()];
-        let (Some(store), Some(up)) = (&self.store, &self.uplink) else {
+        let (Some(store), Some(rules)) = (&self.store, &self.rules) else {
             return stored;
         };
+        let up = rules.get();
         let rows: Vec<NewMessage> = batch
             .iter()
             .zip(stored.iter_mut())
             .filter_map(|(r, s)| {
-                let rule = RuleSettings::for_topic(up, &r.topic)?;
+                let rule = RuleSettings::for_topic(&up, &r.topic)?;
                 *s = true;
                 Some(rule.row(r.topic.clone(), r.payload.clone()))
             })
@@ -106,11 +107,11 @@ mod tests {
     use crate::config::{ByteSize, HumanDuration, StoreConfig, SyncMode, WhenFull};
     use crate::store::{Cursor, Store};
 
-    fn uplink() -> Arc<UplinkConfig> {
+    fn rules() -> Arc<Rules> {
         let yaml = "gateway: {id: t}\nstore: {path: unused.db}\nuplink:\n  url: mqtt://127.0.0.1:1\n  forward:\n    - {local: 'alarms/#', priority: 9, retain: true}\n    - {local: 'sensors/#'}\n";
         let cfg = crate::config::load_str(yaml, std::path::Path::new("test.yaml"))
             .expect("a valid config");
-        Arc::new(cfg.uplink.expect("an uplink"))
+        Arc::new(Rules::new(cfg.uplink.expect("an uplink")))
     }
 
     fn store_config(dir: &std::path::Path, max_bytes: u64) -> StoreConfig {
@@ -139,7 +140,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let (handle, _, thread) = Store::open(&store_config(dir.path(), 1 << 30)).expect("opens");
         let counters = Arc::new(HardwareCounters::default());
-        let mut intake = ReadingStore::new(Some(handle.clone()), Some(uplink()), counters.clone());
+        let mut intake = ReadingStore::new(Some(handle.clone()), Some(rules()), counters.clone());
         let batch = [
             reading("sensors/t", "21.5"),
             reading("local/only", "x"),
@@ -168,7 +169,7 @@ mod tests {
         // Room for a few rows only, and drop_newest: the rest of the batch is refused.
         let (handle, _, thread) = Store::open(&store_config(dir.path(), 600)).expect("opens");
         let counters = Arc::new(HardwareCounters::default());
-        let mut intake = ReadingStore::new(Some(handle.clone()), Some(uplink()), counters.clone());
+        let mut intake = ReadingStore::new(Some(handle.clone()), Some(rules()), counters.clone());
         let batch: Vec<Reading> = (0..20).map(|_| reading("sensors/t", "21.5")).collect();
         let stored = intake.store(&batch).await;
         let kept = stored.iter().filter(|s| **s).count();

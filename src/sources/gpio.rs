@@ -247,39 +247,40 @@ impl GpioOutput {
     }
 }
 
-/// Runs every output until cancelled, then applies the fail-safe states.
-pub async fn run_outputs(
-    mut outputs: Vec<GpioOutput>,
-    mut commands: mpsc::Receiver<(String, bytes::Bytes)>,
+/// Runs one output until cancelled, then applies its fail-safe state. Each output is its own task
+/// (the hardware stage's unit), so a reload that leaves an output's settings alone leaves its
+/// line alone too.
+pub async fn run_output(
+    mut o: GpioOutput,
+    mut commands: mpsc::Receiver<bytes::Bytes>,
     out: mpsc::Sender<Reading>,
     mut link: watch::Receiver<LinkState>,
     clock: Arc<dyn Clock>,
     counters: Arc<HardwareCounters>,
     cancel: CancellationToken,
 ) {
-    // Confirm the initial states.
-    for o in &mut outputs {
-        let initial = o.cfg.initial.0;
-        if out.send(o.apply(initial, clock.as_ref())).await.is_err() {
-            return;
-        }
+    // Confirm the initial state (the line was opened at it).
+    if out
+        .send(o.apply(o.cfg.initial.0, clock.as_ref()))
+        .await
+        .is_err()
+    {
+        return;
     }
     let mut rejected_log = RateLimited::new(Duration::from_secs(10));
     let link_down = |s: &LinkState| matches!(s, LinkState::Connecting | LinkState::Down { .. });
     let mut down_since = link_down(&link.borrow()).then(Instant::now);
-    let mut applied = vec![false; outputs.len()];
+    let mut applied = false;
+    let mut link_open = true;
     loop {
-        let next_fail_safe = outputs
-            .iter()
-            .zip(&applied)
-            .filter(|(o, done)| !**done && o.cfg.fail_safe.is_some())
-            .filter_map(|(o, _)| Some(down_since? + o.cfg.fail_safe_after?.get()))
-            .min();
+        let next_fail_safe = match (o.cfg.fail_safe, o.cfg.fail_safe_after, down_since) {
+            (Some(_), Some(after), Some(since)) if !applied => Some(since + after.get()),
+            _ => None,
+        };
         tokio::select! {
             _ = cancel.cancelled() => break,
             cmd = commands.recv() => {
-                let Some((topic, payload)) = cmd else { break };
-                let Some(o) = outputs.iter_mut().find(|o| o.cfg.command_topic() == topic) else { continue };
+                let Some(payload) = cmd else { break };
                 match parse_switch(&payload) {
                     Ok(on) => {
                         crate::shared::registry::gpio_command(&o.cfg.name, "ok");
@@ -293,15 +294,17 @@ pub async fn run_outputs(
                         crate::shared::registry::gpio_command(&o.cfg.name, "rejected");
                         if rejected_log.allow() {
                             let shown: String = String::from_utf8_lossy(&payload).chars().take(40).collect();
+                            let topic = o.cfg.command_topic();
                             tracing::warn!(output = %o.cfg.name, %topic, payload = %shown, error = %e, rejected_total = total, "command rejected");
                         }
                     }
                 }
             }
-            changed = link.changed() => {
+            changed = link.changed(), if link_open => {
                 if changed.is_err() {
                     // The forwarder is gone (shutdown): no more link states to watch.
                     down_since = None;
+                    link_open = false;
                     continue;
                 }
                 let down = link_down(&link.borrow_and_update());
@@ -309,31 +312,25 @@ pub async fn run_outputs(
                     (true, None) => down_since = Some(Instant::now()),
                     (false, Some(_)) => {
                         down_since = None;
-                        applied.iter_mut().for_each(|a| *a = false);
+                        applied = false;
                     }
                     _ => {}
                 }
             }
             _ = async { match next_fail_safe { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                let now = Instant::now();
-                for (o, done) in outputs.iter_mut().zip(applied.iter_mut()) {
-                    let (Some(state), Some(after), Some(since)) = (o.cfg.fail_safe, o.cfg.fail_safe_after, down_since) else { continue };
-                    if !*done && now >= since + after.get() {
-                        *done = true;
-                        tracing::warn!(output = %o.cfg.name, state = u8::from(state.0), down_for = ?now.duration_since(since), "uplink down too long: fail-safe state applied");
-                        if out.send(o.apply(state.0, clock.as_ref())).await.is_err() {
-                            return;
-                        }
+                if let (Some(state), Some(since)) = (o.cfg.fail_safe, down_since) {
+                    applied = true;
+                    tracing::warn!(output = %o.cfg.name, state = u8::from(state.0), down_for = ?Instant::now().duration_since(since), "uplink down too long: fail-safe state applied");
+                    if out.send(o.apply(state.0, clock.as_ref())).await.is_err() {
+                        return;
                     }
                 }
             }
         }
     }
-    for o in &mut outputs {
-        if let Some(state) = o.cfg.fail_safe {
-            tracing::info!(output = %o.cfg.name, state = u8::from(state.0), "shutdown: fail-safe state applied");
-            let _ = out.send(o.apply(state.0, clock.as_ref())).await;
-        }
+    if let Some(state) = o.cfg.fail_safe {
+        tracing::info!(output = %o.cfg.name, state = u8::from(state.0), "stopping: fail-safe state applied");
+        let _ = out.send(o.apply(state.0, clock.as_ref())).await;
     }
 }
 

@@ -59,7 +59,7 @@ use crate::shared::RateLimited;
 /// How long a TCP connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands waiting per bus; more are refused (`queue_full`).
-const COMMAND_QUEUE: usize = 32;
+pub const COMMAND_QUEUE: usize = 32;
 
 /// Why a request got no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -394,7 +394,7 @@ impl SlaveEvents {
     }
 }
 
-fn bus_error(bus: &str, reason: &'static str) {
+pub(crate) fn bus_error(bus: &str, reason: &'static str) {
     registry()
         .counter(
             "modbus_bus_errors_total",
@@ -533,55 +533,6 @@ pub fn command_topics(cfg: &ModbusConfig) -> Vec<String> {
 
 /// Commands for one bus: `(topic, payload)`.
 pub type Command = (String, Bytes);
-
-/// The GPIO outputs' command receiver and one receiver per Modbus bus, by bus name.
-pub type RoutedCommands = (
-    mpsc::Receiver<(String, Bytes)>,
-    HashMap<String, mpsc::Receiver<Command>>,
-);
-
-/// Splits the hardware stage's command stream: GPIO output topics keep going to the GPIO
-/// outputs (`(topic, payload)` as before, retained ones included, as before), Modbus command
-/// topics go to their bus's task, **retained ones dropped** (a retained command would write at
-/// every restart or reload). Returns the GPIO receiver and one receiver per bus, by name.
-pub fn route_commands(
-    mut all: mpsc::Receiver<(String, Bytes, bool)>,
-    cfg: &ModbusConfig,
-) -> RoutedCommands {
-    let (gpio_tx, gpio_rx) = mpsc::channel(64);
-    let mut by_topic: HashMap<String, mpsc::Sender<Command>> = HashMap::new();
-    let mut receivers = HashMap::new();
-    for b in &cfg.buses {
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        for s in &b.slaves {
-            for p in s.points.iter().filter(|p| p.writable) {
-                by_topic.insert(p.command_topic(&b.name, &s.name), tx.clone());
-            }
-        }
-        receivers.insert(b.name.clone(), rx);
-    }
-    tokio::spawn(async move {
-        while let Some((topic, payload, retained)) = all.recv().await {
-            match by_topic.get(&topic) {
-                Some(_) if retained => {
-                    tracing::info!(%topic, "retained Modbus command ignored (only live commands are written)");
-                }
-                Some(tx) => {
-                    if tx.try_send((topic.clone(), payload)).is_err() {
-                        tracing::warn!(%topic, "Modbus commands arrive faster than the bus can write them; one was dropped");
-                        bus_error("commands", "queue_full");
-                    }
-                }
-                None => {
-                    if gpio_tx.send((topic, payload)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    (gpio_rx, receivers)
-}
 
 // ─── The bus task ─────────────────────────────────────────────────────────────────────────────────
 
