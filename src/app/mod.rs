@@ -153,8 +153,10 @@ pub async fn run(
     };
 
     let mut intake = spawn_intake(&cfg, &broker, &shared)?;
-    let mut forwarder = spawn_forwarder(&cfg, &shared);
+    // Hardware first: its command subscriptions must be in place before the forwarder connects
+    // and the upstream delivers what it kept for us.
     let mut hardware = spawn_hardware(&cfg, &broker, &mut shared).map_err(AppError::Start)?;
+    let mut forwarder = spawn_forwarder(&cfg, &shared);
 
     // Ready only when the listeners really accept connections (rumqttd cannot tell us).
     tokio::select! {

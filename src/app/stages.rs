@@ -111,8 +111,10 @@ pub(super) fn spawn_hardware(
         None => return Ok(None),
     };
     register_command_topics(cfg, sh);
-    let hw_link = broker
+    let mut hw_link = broker
         .link(&format!("edgegate-hardware-{}", sh.generation))
+        .map_err(|e| e.to_string())?;
+    hw.subscribe_commands(&mut hw_link)
         .map_err(|e| e.to_string())?;
     let hw_dedup = sh.dedup.clone();
     let hw_store = sh.store.clone();

@@ -142,7 +142,20 @@ impl Hardware {
         command_topics(&self.cfg)
     }
 
-    /// Runs until `cancel`, then shuts down in order (see the module doc). `store` and `rules`
+    /// Subscribes `link` to the outputs' and writable points' command topics. Called before the
+    /// stage starts, and before the forwarder connects: rumqttd's router takes every link's
+    /// requests in order, so a command the upstream delivers at connection (queued while the
+    /// link was down, or retained) finds its output subscribed.
+    pub fn subscribe_commands(&self, link: &mut LocalLink) -> Result<(), HardwareError> {
+        for topic in self.command_topics() {
+            link.subscribe(&topic)
+                .map_err(|e| HardwareError::LinkClosed(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Runs until `cancel`, then shuts down in order (see the module doc). `link` is already
+    /// subscribed to the command topics ([`Hardware::subscribe_commands`]). `store` and `rules`
     /// are `None` without an uplink: readings are then only published locally.
     /// `dedup` is `Some` when a local-link intake runs (the front off): readings stored here are
     /// registered there so that intake does not store them again. `reconfig` brings SIGHUP's
@@ -150,7 +163,7 @@ impl Hardware {
     #[allow(clippy::too_many_arguments)]
     pub async fn run(
         self,
-        mut link: LocalLink,
+        link: LocalLink,
         store: Option<StoreHandle>,
         rules: Option<Arc<Rules>>,
         dedup: Option<Arc<StoredReadings>>,
@@ -158,12 +171,7 @@ impl Hardware {
         mut reconfig: mpsc::Receiver<Reconfigure>,
         cancel: CancellationToken,
     ) -> Result<(), HardwareError> {
-        let mut subscribed = HashSet::new();
-        for topic in self.command_topics() {
-            link.subscribe(&topic)
-                .map_err(|e| HardwareError::LinkClosed(e.to_string()))?;
-            subscribed.insert(topic);
-        }
+        let subscribed: HashSet<String> = self.command_topics().into_iter().collect();
         let (readings_tx, readings_rx) = mpsc::channel::<Reading>(READINGS_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel::<(Reading, bool)>(READINGS_CAPACITY);
         let (commands_tx, mut commands_rx) = mpsc::channel::<(String, Bytes, bool)>(64);
