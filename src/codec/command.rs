@@ -1,6 +1,7 @@
 //! GPIO output commands: `1`/`0`, `on`/`off`, `true`/`false` (any case, surrounding whitespace
-//! allowed) or a JSON object `{"state": …}` holding one of those. Anything else is refused: an
-//! actuator must never guess.
+//! allowed) or a JSON object `{"state": …}` holding one of those; the object's other keys (a
+//! `ts` the downlink judges the command's age by, an id) are not read. Anything else is refused:
+//! an actuator must never guess.
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
@@ -26,9 +27,6 @@ pub fn parse_switch(payload: &[u8]) -> Result<bool, CommandError> {
     if text.starts_with('{') {
         let v: serde_json::Value = serde_json::from_str(text).map_err(|_| CommandError::Unknown)?;
         let obj = v.as_object().ok_or(CommandError::Unknown)?;
-        if obj.len() != 1 {
-            return Err(CommandError::Unknown);
-        }
         return match obj.get("state") {
             Some(serde_json::Value::Bool(b)) => Ok(*b),
             Some(serde_json::Value::Number(n)) => match n.as_u64() {
@@ -66,6 +64,7 @@ mod tests {
             r#"{"state":1}"#,
             r#"{"state":"on"}"#,
             r#"{"state":true}"#,
+            r#"{"ts":"2026-12-08T02:40:00Z","state":"on","id":7}"#,
         ] {
             assert_eq!(parse_switch(on.as_bytes()), Ok(true), "{on}");
         }
@@ -89,7 +88,7 @@ mod tests {
             "yes",
             "onn",
             r#"{"state":2}"#,
-            r#"{"state":1,"x":1}"#,
+            r#"{"state":"yes","ts":1}"#,
             r#"{"value":1}"#,
             "[1]",
             "\u{ff}",

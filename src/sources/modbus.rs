@@ -21,8 +21,8 @@
 //! the slave's sensor entry (`edgegate status`). The port is reopened (the TCP connection
 //! re-established) with backoff after it is lost, like `sources::serial`.
 //!
-//! **Writes**: a command on a writable point's command topic (a number, `{"value": n}`, or
-//! on/off for bools) is range-checked, encoded, written (function 5, 6 or 16), read back and the
+//! **Writes**: a command on a writable point's command topic (a number, `{"value": n}` whose
+//! other keys are not read, or on/off for bools) is range-checked, encoded, written (function 5, 6 or 16), read back and the
 //! value read back is published retained on the point's state topic. A refused or failed command
 //! is counted (`modbus_commands_total{…,result}`), logged, and answered on
 //! `<state_topic>/refused` with the reason. Retained command messages are never executed, so a
@@ -482,7 +482,7 @@ fn command_value(p: &PointState, payload: &[u8]) -> Result<f64, String> {
     let doc: Json = serde_json::from_str(text)
         .map_err(|_| "not a number: expected e.g. 21.5 or {\"value\": 21.5}".to_string())?;
     match doc.get("value").and_then(Json::as_f64) {
-        Some(v) if doc.as_object().is_some_and(|o| o.len() == 1) => Ok(v),
+        Some(v) => Ok(v),
         _ => Err("not a number: expected e.g. 21.5 or {\"value\": 21.5}".to_string()),
     }
 }
