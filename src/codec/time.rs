@@ -101,6 +101,68 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     Some(days * 86_400_000 + h * 3_600_000 + min * 60_000 + sec * 1000 + milli)
 }
 
+/// Parses RFC 3339 as clouds write it: `YYYY-MM-DDTHH:MM:SS`, an optional fraction of any
+/// length (milliseconds kept), then `Z` or a `±HH:MM` offset; `t` or a space for `T` too.
+/// Unix milliseconds, `None` for anything else or before 1970.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |t: &str| -> Option<i64> {
+        if t.is_empty() || !t.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    };
+    let (y, m, d) = (num(&s[0..4])?, num(&s[5..7])?, num(&s[8..10])?);
+    let (h, min, sec) = (num(&s[11..13])?, num(&s[14..16])?, num(&s[17..19])?);
+    let mut rest = &s[19..];
+    let mut milli = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let ms = format!("{:0<3}", &frac[..digits.min(3)]);
+        milli = num(&ms)?;
+        rest = &frac[digits..];
+    }
+    let offset_min = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let r = rest.as_bytes();
+            if r.len() != 6 || r[3] != b':' || !matches!(r[0], b'+' | b'-') {
+                return None;
+            }
+            let (oh, om) = (num(&rest[1..3])?, num(&rest[4..6])?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let sign = if r[0] == b'-' { -1 } else { 1 };
+            sign * (oh * 60 + om)
+        }
+    };
+    if y < 1970
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&d)
+        || h > 23
+        || min > 59
+        || sec > 60
+    {
+        return None;
+    }
+    let days = days_from_civil(y, m, d);
+    if civil_from_days(days) != (y, m, d) {
+        return None;
+    }
+    let ms = days * 86_400_000 + h * 3_600_000 + min * 60_000 + sec.min(59) * 1000 + milli;
+    Some(ms - offset_min * 60_000)
+}
+
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
@@ -154,6 +216,32 @@ mod tests {
         #[test]
         fn arbitrary_text_never_panics_the_parser(s in ".{0,30}") {
             let _ = parse_rfc3339_ms(&s);
+        }
+    }
+
+    #[test]
+    fn clouds_rfc3339_forms_parse_to_the_same_instant() {
+        let ms = parse_rfc3339_ms("2026-12-08T02:40:00.120Z").expect("ours parses");
+        for form in [
+            "2026-12-08T02:40:00.12Z",
+            "2026-12-08T02:40:00.120000Z",
+            "2026-12-08t02:40:00.120z",
+            "2026-12-08 02:40:00.120Z",
+            "2026-12-08T03:40:00.120+01:00",
+            "2026-12-07T21:40:00.120-05:00",
+        ] {
+            assert_eq!(parse_rfc3339(form), Some(ms), "{form}");
+        }
+        assert_eq!(parse_rfc3339("2026-12-08T02:40:00Z"), Some(ms - 120));
+        for bad in [
+            "2026-12-08T02:40:00",
+            "2026-12-08T02:40:00.Z",
+            "2026-02-30T02:40:00Z",
+            "2026-12-08T02:40:00+1:00",
+            "1969-12-31T23:59:59Z",
+            "",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }
 }

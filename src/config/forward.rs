@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use super::topic;
+use super::units::HumanDuration;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +42,34 @@ pub struct DownlinkRule {
     /// upstream topic unchanged.
     #[serde(default)]
     pub local: Option<String>,
+    /// A command older than this is dropped (counted, logged), where its age can be known: from
+    /// its `timestamp` field. Default 60 s.
+    #[serde(default = "default_max_age")]
+    pub max_age: HumanDuration,
+    /// Top-level JSON field of the command that says when it was sent (RFC 3339, or Unix
+    /// seconds or milliseconds). Default: none.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    /// Whether the cloud may queue commands for us while the link is down, and whether a
+    /// retained command (sent before we subscribed) is applied. Default `drop`.
+    #[serde(default)]
+    pub while_offline: WhileOffline,
+}
+
+/// What happens to commands sent while the gateway was not listening.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhileOffline {
+    /// Not queued for us (a clean upstream session); a retained command is not applied.
+    #[default]
+    Drop,
+    /// Queued by the cloud (a persistent session) and applied on reconnect, retained ones too,
+    /// unless their timestamp or MQTT 5 expiry says they are stale.
+    Deliver,
+}
+
+fn default_max_age() -> HumanDuration {
+    HumanDuration::from_secs(60)
 }
 
 impl ForwardRule {
@@ -202,12 +231,19 @@ mod tests {
         assert!(uplink("url: mqtt://h").local_subscriptions().is_empty());
     }
 
-    #[test]
-    fn downlink_topics_swap_the_fixed_prefix_for_the_local_one() {
-        let rule = |remote: &str, local: Option<&str>| DownlinkRule {
+    fn downlink_rule(remote: &str, local: Option<&str>) -> DownlinkRule {
+        DownlinkRule {
             remote: remote.to_string(),
             local: local.map(str::to_string),
-        };
+            max_age: default_max_age(),
+            timestamp: None,
+            while_offline: WhileOffline::Drop,
+        }
+    }
+
+    #[test]
+    fn downlink_topics_swap_the_fixed_prefix_for_the_local_one() {
+        let rule = downlink_rule;
         let r = rule("edgegate/{gateway_id}/cmd/#", Some("cmd/"));
         assert_eq!(
             r.local_topic("edgegate/gw1/cmd/relay1", "gw1"),
@@ -267,10 +303,7 @@ mod tests {
             "q/r/s",
         ];
         for (remote, local) in rules {
-            let rule = DownlinkRule {
-                remote: remote.to_string(),
-                local: local.map(str::to_string),
-            };
+            let rule = downlink_rule(remote, local);
             let filter = rule.local_filter("gw");
             for t in topics
                 .iter()

@@ -45,7 +45,7 @@ mod url;
 mod validate;
 
 pub use broker::{AllowAnonymous, BrokerConfig, BrokerTlsConfig, UserConfig, WebsocketConfig};
-pub use forward::{DownlinkRule, ForwardRule};
+pub use forward::{DownlinkRule, ForwardRule, WhileOffline};
 pub use gpio::{
     EdgeKind, GpioBackendKind, GpioConfig, GpioInputConfig, GpioOutputConfig, PinSpec, Pull,
     SimStep, Switch,

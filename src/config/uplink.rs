@@ -25,8 +25,9 @@ pub struct UplinkConfig {
     pub protocol: Protocol,
     pub tls: UplinkTlsConfig,
     pub keep_alive: HumanDuration,
-    /// Keep the upstream session (and its queued downlink messages) across reconnects.
-    pub clean_session: bool,
+    /// `Some(false)` keeps the upstream session (and its queued downlink messages) across
+    /// reconnects, `Some(true)` does not; absent, see [`UplinkConfig::persistent_session`].
+    pub clean_session: Option<bool>,
     /// QoS 1 publishes awaiting PUBACK at once.
     pub max_inflight: u16,
     /// Publishes per second at most (token bucket). Default: unlimited.
@@ -84,6 +85,18 @@ impl UplinkConfig {
         parse_endpoint(&self.url)
     }
 
+    /// Whether the upstream keeps our session (and queues downlink commands) while the link is
+    /// down: as `clean_session` says, else only when a downlink rule says `while_offline: deliver`.
+    pub fn persistent_session(&self) -> bool {
+        match self.clean_session {
+            Some(clean) => !clean,
+            None => self
+                .downlink
+                .iter()
+                .any(|r| r.while_offline == forward::WhileOffline::Deliver),
+        }
+    }
+
     /// The first forward rule, in file order, whose `local` filter matches `topic`, with its index.
     pub fn match_rule(&self, topic: &str) -> Option<(usize, &ForwardRule)> {
         forward::match_rule(&self.forward, topic)
@@ -129,7 +142,7 @@ struct UplinkConfigFile {
     #[serde(default = "default_keep_alive")]
     keep_alive: HumanDuration,
     #[serde(default)]
-    clean_session: bool,
+    clean_session: Option<bool>,
     #[serde(default = "default_uplink_max_inflight")]
     max_inflight: u16,
     #[serde(default)]

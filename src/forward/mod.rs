@@ -10,6 +10,7 @@
 //! new rows, at most ten store lingers (100 ms at the default `commit_interval`, up to 1 s on a
 //! slow card) and not once 256 wait; with this module's own batch, never more than 768.
 
+mod downlink;
 mod pacing;
 mod session;
 mod tls;

@@ -25,11 +25,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use super::downlink;
 use super::pacing::{Backoff, TokenBucket};
 use super::wire::{self, Codec, Incoming};
 use super::{ForwardError, Forwarder, CONNECT_TIMEOUT};
 use crate::config::{Endpoint, UplinkConfig};
-use crate::shared::{BoundedCache, LinkState};
+use crate::shared::{BoundedCache, LinkState, RateLimited};
 use crate::store::{Cursor, StoredMessage};
 
 /// Acks handed to the store at once, at most `ACK_LINGER` after the first of them.
@@ -93,7 +94,7 @@ impl Forwarder {
         let opts = wire::ConnectOptions {
             client_id: client_id.to_string(),
             keep_alive_s: u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX),
-            clean: self.uplink.clean_session,
+            clean: !self.uplink.persistent_session(),
             username: self.uplink.username.clone(),
             password: self
                 .uplink
@@ -104,7 +105,7 @@ impl Forwarder {
             will_topic: self.status_topic.clone(),
             will_payload: Bytes::from_static(b"offline"),
             // Keep the session (and downlink messages queued for us) for a day offline.
-            session_expiry_s: (!self.uplink.clean_session).then_some(86_400),
+            session_expiry_s: self.uplink.persistent_session().then_some(86_400),
             max_packet: u32::try_from(max_incoming).unwrap_or(u32::MAX),
             receive_max: 100,
         };
@@ -179,6 +180,7 @@ impl Forwarder {
         let mut acks: Vec<i64> = Vec::new();
         let mut ack_deadline: Option<tokio::time::Instant> = None;
         let mut topics = TopicMap::default();
+        let mut stale_log = RateLimited::new(Duration::from_secs(10));
         let is_v5 = self.uplink.protocol == crate::config::Protocol::V5;
         let mut stats = self.stats.clone();
         stats.mark_unchanged();
@@ -358,8 +360,8 @@ impl Forwarder {
                                 }
                                 None => tracing::debug!(pkid, "PUBACK for an unknown packet id"),
                             },
-                            Incoming::Publish { topic, payload, qos, pkid } => {
-                                self.downlink(&topic, payload).await;
+                            Incoming::Publish { topic, payload, qos, pkid, retain, expiry_s } => {
+                                self.downlink(&topic, payload, retain, expiry_s, &mut stale_log).await;
                                 if qos == 1 {
                                     codec.puback(pkid, &mut out)?;
                                 } else if qos == 2 {
@@ -430,23 +432,47 @@ impl Forwarder {
         }
     }
 
-    /// A message from the upstream: into the local broker under its mapped topic.
-    async fn downlink(&self, topic: &str, payload: Bytes) {
-        let local = self
-            .uplink
-            .match_downlink(topic, &self.gateway_id)
-            .map(|(_, r)| r.local_topic(topic, &self.gateway_id));
-        match local {
-            Some(local_topic) => {
-                self.counters
-                    .downlink
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::debug!(remote = %topic, local = %local_topic, "downlink message");
-                if !self.local.publish(local_topic, payload, false).await {
-                    tracing::error!("local broker link closed; downlink message not delivered");
-                }
+    /// A message from the upstream: into the local broker under its mapped topic, unless it is
+    /// stale (see [`downlink::judge`]): then counted and logged (at most one line per 10 s).
+    async fn downlink(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        retain: bool,
+        expiry_s: Option<u32>,
+        stale_log: &mut RateLimited,
+    ) {
+        let Some((index, rule)) = self.uplink.match_downlink(topic, &self.gateway_id) else {
+            tracing::debug!(%topic, "upstream message matches no downlink rule");
+            return;
+        };
+        let facts = downlink::Facts {
+            payload: &payload,
+            retained: retain,
+            expiry_s,
+        };
+        if let downlink::Verdict::Stale(why) = downlink::judge(rule, facts, crate::shared::now_ms())
+        {
+            self.counters
+                .downlink_stale
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if stale_log.allow() {
+                tracing::warn!(
+                    remote = %topic,
+                    rule = format!("uplink.downlink[{index}]"),
+                    skipped = stale_log.take_skipped(),
+                    "a stale downlink command was dropped: {why}"
+                );
             }
-            None => tracing::debug!(%topic, "upstream message matches no downlink rule"),
+            return;
+        }
+        let local_topic = rule.local_topic(topic, &self.gateway_id);
+        self.counters
+            .downlink
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(remote = %topic, local = %local_topic, "downlink message");
+        if !self.local.publish(local_topic, payload, false).await {
+            tracing::error!("local broker link closed; downlink message not delivered");
         }
     }
 

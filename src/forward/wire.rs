@@ -50,6 +50,10 @@ pub enum Incoming {
         payload: Bytes,
         qos: u8,
         pkid: u16,
+        /// Set on a message the broker held retained from before our subscription.
+        retain: bool,
+        /// MQTT 5 Message Expiry Interval left, seconds.
+        expiry_s: Option<u32>,
     },
     SubAck {
         pkid: u16,
@@ -313,6 +317,8 @@ impl Codec {
                 payload: p.payload,
                 qos: p.qos as u8,
                 pkid: p.pkid,
+                retain: p.retain,
+                expiry_s: None,
             },
             Packet::SubAck(s) => Incoming::SubAck {
                 pkid: s.pkid,
@@ -360,6 +366,11 @@ impl Codec {
                 payload: p.payload,
                 qos: p.qos as u8,
                 pkid: p.pkid,
+                retain: p.retain,
+                expiry_s: p
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.message_expiry_interval),
             },
             Packet::SubAck(s) => Incoming::SubAck {
                 pkid: s.pkid,
@@ -477,7 +488,10 @@ mod tests {
                 payload,
                 qos,
                 pkid,
+                retain,
+                expiry_s,
             } => {
+                assert_eq!((retain, expiry_s), (false, None));
                 assert_eq!(topic, "sensors/a");
                 assert_eq!(&payload[..], b"21.5");
                 assert_eq!((qos, pkid), (1, 7));

@@ -92,6 +92,9 @@ pub struct UplinkStatus {
     pub forwarded: u64,
     pub refused: u64,
     pub downlink: u64,
+    /// Downlink commands dropped as stale.
+    #[serde(default)]
+    pub downlink_stale: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -229,6 +232,7 @@ impl Telemetry {
             forwarded: f.forwarded.load(Ordering::Relaxed),
             refused: f.refused.load(Ordering::Relaxed),
             downlink: f.downlink.load(Ordering::Relaxed),
+            downlink_stale: f.downlink_stale.load(Ordering::Relaxed),
         };
         let reg = registry();
         let mut messages_in = BTreeMap::new();
@@ -408,8 +412,8 @@ impl Snapshot {
             .map(|s| format!(" for {}", crate::shared::human_age(Duration::from_secs(s))))
             .unwrap_or_default();
         line(format!(
-            "uplink:   {}{since}; {} forwarded, {} reconnects, {} refused, {} downlink",
-            u.state, u.forwarded, u.reconnects, u.refused, u.downlink
+            "uplink:   {}{since}; {} forwarded, {} reconnects, {} refused, {} downlink ({} stale dropped)",
+            u.state, u.forwarded, u.reconnects, u.refused, u.downlink, u.downlink_stale
         ));
         if let Some(e) = &u.last_error {
             line(format!("          last error: {e}"));
@@ -642,6 +646,12 @@ impl Snapshot {
             "counter",
             "Messages from the upstream delivered to the local broker.",
             &one(u.downlink as f64),
+        );
+        metric(
+            "downlink_stale_total",
+            "counter",
+            "Downlink commands dropped as stale (max_age, while_offline).",
+            &one(u.downlink_stale as f64),
         );
         if let Some(n) = self.devices_connected {
             metric(

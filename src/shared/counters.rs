@@ -35,6 +35,8 @@ pub struct ForwardCounters {
     pub refused: AtomicU64,
     pub reconnects: AtomicU64,
     pub downlink: AtomicU64,
+    /// Downlink commands dropped as stale (`uplink.downlink[].max_age`, `while_offline`).
+    pub downlink_stale: AtomicU64,
     /// Why the last session ended, kept after a reconnect for `edgegate status`.
     pub last_error: std::sync::Mutex<Option<String>>,
 }

@@ -12,6 +12,7 @@ mod exposure;
 mod modbus;
 
 use crate::config::broker::BrokerConfig;
+use crate::config::forward::WhileOffline;
 use crate::config::gpio::GpioBackendKind;
 use crate::config::problem::Problem;
 use crate::config::protocol::Protocol;
@@ -59,7 +60,40 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
 /// What a valid `cfg` exposes that its operator should know about (see `exposure`): never a reason
 /// to refuse it.
 pub fn warnings(cfg: &Config) -> Vec<Problem> {
-    exposure::warnings(cfg)
+    let mut w = exposure::warnings(cfg);
+    if let Some(up) = &cfg.uplink {
+        w.extend(queued_command_warnings(up));
+    }
+    w
+}
+
+/// Rules whose stale commands nothing can catch: the session is persistent (`clean_session:
+/// false`, or another rule says `while_offline: deliver`), so the cloud queues commands for
+/// every rule, and this one says `drop` but names no `timestamp` to judge them by.
+fn queued_command_warnings(up: &UplinkConfig) -> Vec<Problem> {
+    if !up.persistent_session() {
+        return Vec::new();
+    }
+    let why = if up.clean_session == Some(false) {
+        "uplink.clean_session is false"
+    } else {
+        "another downlink rule says `while_offline: deliver`"
+    };
+    up.downlink
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.while_offline == WhileOffline::Drop && r.timestamp.is_none())
+        .map(|(k, _)| {
+            Problem::new(
+                format!("uplink.downlink[{k}].while_offline"),
+                format!(
+                    "{why}, so the upstream queues commands while the link is down and this rule's \
+                     are applied when it returns, however old; name the commands' `timestamp` \
+                     field (judged against `max_age`), or say `while_offline: deliver`"
+                ),
+            )
+        })
+        .collect()
 }
 
 fn check_ops(cfg: &Config, p: &mut Problems) {
@@ -534,6 +568,25 @@ fn check_forward(up: &UplinkConfig, gateway_id: &str, p: &mut Problems) {
 fn check_downlink(up: &UplinkConfig, gateway_id: &str, p: &mut Problems) {
     for (k, rule) in up.downlink.iter().enumerate() {
         let field = format!("uplink.downlink[{k}]");
+        if rule.max_age.get() < Duration::from_secs(1) {
+            p.add(
+                format!("{field}.max_age"),
+                format!(
+                    "{} is shorter than a command's trip from the cloud; at least 1s",
+                    rule.max_age
+                ),
+            );
+        }
+        if rule
+            .timestamp
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            p.add(
+                format!("{field}.timestamp"),
+                "must name a top-level JSON field of the command, e.g. `ts`",
+            );
+        }
         check_placeholders(&format!("{field}.remote"), &rule.remote, &["gateway_id"], p);
         let remote = rule.remote_filter(gateway_id);
         if let Err(e) = topic::valid_filter(&remote) {
@@ -1040,6 +1093,58 @@ mod tests {
         assert!(problem(&problems, "uplink.downlink[4].local")
             .message
             .contains("sent back up"));
+    }
+
+    #[test]
+    fn a_kept_session_warns_for_each_rule_that_cannot_tell_a_stale_command() {
+        let with = |uplink: &str, rules: &str| {
+            parse(&format!(
+                "{BASE}uplink:\n  url: mqtt://h\n{uplink}  downlink:\n{rules}"
+            ))
+        };
+        let plain = "    - {remote: \"a/#\", local: cmd/a/}\n";
+        let stamped = "    - {remote: \"b/#\", local: cmd/b/, timestamp: ts}\n";
+        let deliver = "    - {remote: \"c/#\", local: cmd/c/, while_offline: deliver}\n";
+        let warnings =
+            |cfg: &Config| queued_command_warnings(cfg.uplink.as_ref().expect("an uplink"));
+        // A clean session (the default): nothing queued, nothing to warn about.
+        assert_eq!(warnings(&with("", plain)), Vec::new());
+        let fields =
+            |cfg: &Config| -> Vec<String> { warnings(cfg).into_iter().map(|w| w.field).collect() };
+        assert_eq!(
+            fields(&with(
+                "  clean_session: false\n",
+                &format!("{plain}{stamped}")
+            )),
+            ["uplink.downlink[0].while_offline"]
+        );
+        let mixed = with("", &format!("{plain}{deliver}"));
+        assert!(mixed
+            .uplink
+            .as_ref()
+            .is_some_and(|u| u.persistent_session()));
+        let w = warnings(&mixed);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].message.contains("another downlink rule"),
+            "{}",
+            w[0].message
+        );
+        // An explicit clean session wins over `deliver`: nothing is queued.
+        let clean = with("  clean_session: true\n", deliver);
+        assert!(clean
+            .uplink
+            .as_ref()
+            .is_some_and(|u| !u.persistent_session()));
+    }
+
+    #[test]
+    fn a_downlink_max_age_under_a_second_and_an_empty_timestamp_field_are_refused() {
+        let problems = validate(&parse(&format!(
+            "{BASE}uplink:\n  url: mqtt://h\n  downlink:\n    - {{remote: \"a/#\", local: cmd/, max_age: 500ms, timestamp: \"\"}}\n"
+        )));
+        problem(&problems, "uplink.downlink[0].max_age");
+        problem(&problems, "uplink.downlink[0].timestamp");
     }
 
     #[test]
