@@ -200,6 +200,32 @@ async fn acked_rows_are_deleted_and_counted() {
 }
 
 #[tokio::test]
+async fn a_fresh_cursor_skips_rows_whose_acks_are_queued_but_not_yet_committed() {
+    let (_dir, mut cfg) = temp_config();
+    // Acks wait ten commit intervals for a commit: long enough to fetch in between.
+    cfg.commit_interval = HumanDuration::from_secs(5);
+    let opened = Store::open(&cfg).expect("open");
+    let h = opened.0.clone();
+    h.append(
+        vec![msg("a", 0), msg("b", 0), msg("c", 0), msg("d", 0)],
+        Durability::Now,
+    )
+    .await
+    .expect("append");
+    let rows = all_rows(&h).await;
+    // Acks linger before their commit; a reconnecting forwarder fetches meanwhile.
+    h.ack(vec![rows[0].id, rows[1].id]);
+    let again = h.fetch(&Cursor::default(), 2).await.expect("fetch");
+    assert_eq!(topics(&again), ["c", "d"], "acknowledged rows sent again");
+    assert_eq!(
+        h.stats().await.expect("stats").acked_total,
+        0,
+        "the acks committed already: the test proves nothing"
+    );
+    close(opened).await;
+}
+
+#[tokio::test]
 async fn reopening_keeps_unacked_rows_in_order_with_their_ids() {
     let (_dir, cfg) = temp_config();
     let opened = Store::open(&cfg).expect("open");
@@ -834,10 +860,13 @@ async fn acknowledged_rows_are_deleted_by_the_next_commit_of_new_rows() {
     let a = all_rows(&h).await[0].id;
     h.ack(vec![a]);
     // The delete waits for company (ten lingers here): a crash now would only resend `a`.
-    assert_eq!(topics(&all_rows(&h).await), ["a", "b"]);
+    let stats = h.stats().await.expect("stats");
+    assert_eq!((stats.rows, stats.acked_total), (2, 0));
     h.append(vec![msg("c", 0)], Durability::Now)
         .await
         .expect("append");
+    let stats = h.stats().await.expect("stats");
+    assert_eq!((stats.rows, stats.acked_total), (2, 1));
     assert_eq!(topics(&all_rows(&h).await), ["b", "c"]);
     close(opened).await;
 }
@@ -1286,6 +1315,11 @@ impl Model {
                 .ok_or_else(|| TestCaseError::fail(format!("phantom row {m:?}")))?;
             prop_assert_eq!(model.priority, m.priority);
             prop_assert!(model.state != State::Gone, "acked row came back: {:?}", m);
+            prop_assert!(
+                after_crash || model.state != State::AckPending,
+                "a row whose ack is queued was fetched again: {:?}",
+                m
+            );
             if let Some(id) = model.id {
                 prop_assert_eq!(id, m.id, "a row's id changed");
             }
@@ -1319,7 +1353,9 @@ impl Model {
                         "committed, unacked message m/{seq} lost"
                     )))
                 }
-                State::AckPending => row.state = State::Gone,
+                // Hidden while its ack is queued; gone for sure once a crash did not bring it back.
+                State::AckPending if after_crash => row.state = State::Gone,
+                State::AckPending => {}
                 State::Maybe if after_crash => row.state = State::Gone,
                 State::Maybe | State::Gone => {}
             }

@@ -497,7 +497,7 @@ impl Worker {
                 cursor,
                 limit,
                 reply,
-            } => match self.fetch(&cursor, limit) {
+            } => match self.fetch(&cursor, limit, &batch.acks) {
                 Ok(rows) => {
                     let _ = reply.send(Ok(rows));
                 }
@@ -1136,9 +1136,20 @@ impl Worker {
             })
     }
 
-    fn fetch(&mut self, cursor: &Cursor, limit: usize) -> rusqlite::Result<Vec<StoredMessage>> {
+    /// Up to `limit` rows after `cursor`, highest priority first. Rows whose acks are queued
+    /// (`pending`, not yet committed) or stuck are not returned: their PUBACK came, and a
+    /// forwarder that reconnects with a fresh cursor must not send them again.
+    fn fetch(
+        &mut self,
+        cursor: &Cursor,
+        limit: usize,
+        pending: &[i64],
+    ) -> rusqlite::Result<Vec<StoredMessage>> {
         let mut out = Vec::with_capacity(limit.min(1024));
         let priorities: Vec<u8> = self.totals.per_priority.keys().rev().copied().collect();
+        let pending: HashSet<i64> = pending.iter().copied().collect();
+        // Skipped rows must not shorten the answer (a short one reads as "caught up").
+        let skippable = pending.len() + self.stuck_acks.len();
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM queue WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3"
         ))?;
@@ -1149,10 +1160,14 @@ impl Worker {
             }
             let (lo, hi) = band(priority);
             let after = cursor.position(priority).max(lo - 1);
-            let rows = stmt.query_map(params![after, hi, want as i64], read_message)?;
+            let rows =
+                stmt.query_map(params![after, hi, (want + skippable) as i64], read_message)?;
             for row in rows {
                 let row = row?;
-                if !self.stuck_acks.contains(&row.id) {
+                if out.len() == limit {
+                    break;
+                }
+                if !self.stuck_acks.contains(&row.id) && !pending.contains(&row.id) {
                     out.push(row);
                 }
             }
