@@ -5,7 +5,9 @@
 //! PUBACK names its row directly. On any connection error the window is forgotten and everything
 //! unacked is read again from the store (a fresh cursor), oldest first within each priority, so
 //! order survives outages and restarts — whatever the upstream remembers of the old session
-//! (`session_present`), the store is the source of truth. Duplicates after a crash are bounded by
+//! (`session_present`), the store is the source of truth; rows already acknowledged whose delete
+//! is not yet committed are not read again, so a reconnect resends at most the window. Duplicates
+//! after a crash are bounded by
 //! the in-flight window plus the acks not yet committed: a delete waits for the next commit of
 //! new rows, at most ten store lingers (100 ms at the default `commit_interval`, up to 1 s on a
 //! slow card) and not once 256 wait; with this module's own batch, never more than 768.
