@@ -69,10 +69,25 @@ pub fn warnings(cfg: &Config) -> Vec<Problem> {
 
 /// Rules whose stale commands nothing can catch: the session is persistent (`clean_session:
 /// false`, or another rule says `while_offline: deliver`), so the cloud queues commands for
-/// every rule, and this one says `drop` but names no `timestamp` to judge them by.
+/// every rule, and this one says `drop` but names no `timestamp` to judge them by. And rules
+/// that say `deliver` under `clean_session: true`, where nothing is queued.
 fn queued_command_warnings(up: &UplinkConfig) -> Vec<Problem> {
     if !up.persistent_session() {
-        return Vec::new();
+        // `deliver` asks for a queue that `clean_session: true` tells the upstream not to keep.
+        return up
+            .downlink
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.while_offline == WhileOffline::Deliver)
+            .map(|(k, _)| {
+                Problem::new(
+                    format!("uplink.downlink[{k}].while_offline"),
+                    "uplink.clean_session is true, so the upstream queues nothing while the link \
+                     is down and `deliver` only applies retained commands; remove \
+                     `clean_session` to have commands queued",
+                )
+            })
+            .collect();
     }
     let why = if up.clean_session == Some(false) {
         "uplink.clean_session is false"
@@ -1130,8 +1145,11 @@ mod tests {
             "{}",
             w[0].message
         );
-        // An explicit clean session wins over `deliver`: nothing is queued.
+        // An explicit clean session wins over `deliver`: nothing is queued, and that is said.
         let clean = with("  clean_session: true\n", deliver);
+        let w = warnings(&clean);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].message.contains("queues nothing"), "{}", w[0].message);
         assert!(clean
             .uplink
             .as_ref()
