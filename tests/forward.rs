@@ -800,3 +800,47 @@ fn a_refused_upstream_is_retried_at_least_every_second_whatever_the_backoff_step
         "retry delays {delays:?}; log:\n{log}"
     );
 }
+
+#[test]
+fn after_an_outage_a_priority_9_rule_drains_before_the_priority_0_backlog_queued_ahead_of_it() {
+    let mut upstream = Mosquitto::start(MosquittoOpts {
+        verbose_log: true,
+        ..MosquittoOpts::default()
+    });
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let gw = retry_on_port_clash(3, || {
+        let mut yaml = gateway_yaml(dir.path(), free_port(), None, "", "");
+        yaml.push_str(&format!(
+            "uplink:\n  url: {}\n  reconnect_min: 100ms\n  reconnect_max: 1s\n  forward:\n    - {{local: \"sensors/alarm\", priority: 9}}\n    - {{local: \"sensors/#\", priority: 0}}\n",
+            upstream.url()
+        ));
+        Gateway::try_start_with(dir.path(), &yaml)
+    });
+    upstream.stop();
+    let (readings, alarms) = (300, 20);
+    assert_eq!(
+        publish_seq(gw.port(), "sensors/temp", readings, 1),
+        readings
+    );
+    assert_eq!(publish_seq(gw.port(), "sensors/alarm", alarms, 1), alarms);
+    wait_rows(&gw, (readings + alarms) as u64, Duration::from_secs(20));
+
+    upstream.restart();
+    let total = readings + alarms;
+    let mut got = Vec::new();
+    let arrived = wait_until(Duration::from_secs(30), || {
+        got = upstream
+            .received_topics_from("test")
+            .into_iter()
+            .filter(|t| t.starts_with("sensors/"))
+            .collect();
+        got.len() >= total
+    });
+    assert!(arrived, "{} of {total} arrived:\n{}", got.len(), gw.log());
+    assert!(
+        got[..alarms].iter().all(|t| t == "sensors/alarm"),
+        "the priority-9 alarms did not drain first: {:?}",
+        &got[..alarms + 5]
+    );
+    assert!(got[alarms..].iter().all(|t| t == "sensors/temp"), "{got:?}");
+}
